@@ -1,0 +1,130 @@
+"""Tensor-parallel layers. Each allocates only its own shard; a loader fills it.
+
+Communication is declared by flags (`gather_output`, `input_is_parallel`), never by hooks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from parallel.collectives import all_gather_uneven, all_reduce
+from parallel.partition import split_range, split_sizes
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x @ W.T with W's output rows split over the tp group.
+
+    `out_sizes` gives every rank's number of output features (uneven splits allowed); this rank
+    holds `out_sizes[tp_rank]`. With `gather_output` the full output is assembled on every rank.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_sizes: list[int],
+        tp_rank: int,
+        group: dist.ProcessGroup | None,
+        *,
+        bias: bool = False,
+        gather_output: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.out_sizes = out_sizes
+        self.group = group
+        self.gather_output = gather_output
+        local = out_sizes[tp_rank]
+        self.weight = nn.Parameter(torch.empty(local, in_features, dtype=dtype), False)
+        self.bias = nn.Parameter(torch.empty(local, dtype=dtype), False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.gather_output:
+            y = all_gather_uneven(y, self.out_sizes, -1, self.group)
+        return y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x @ W.T with W's input columns split over the tp group; partial sums are all-reduced.
+
+    With `input_is_parallel` the input already holds this rank's slice of features (the output of
+    a column-parallel layer). The bias is replicated and added once, after the reduction.
+    """
+
+    def __init__(
+        self,
+        in_local: int,
+        out_features: int,
+        group: dist.ProcessGroup | None,
+        *,
+        bias: bool = False,
+        input_is_parallel: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not input_is_parallel:
+            raise NotImplementedError("row-parallel layers take an already-split input")
+        self.group = group
+        self.weight = nn.Parameter(torch.empty(out_features, in_local, dtype=dtype), False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = all_reduce(F.linear(x, self.weight), self.group)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table with its rows (the vocabulary) split over the tp group.
+
+    Each rank looks up the ids inside its range, zeroes the rest, and the sum over ranks is the
+    full embedding.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        tp: int,
+        tp_rank: int,
+        group: dist.ProcessGroup | None,
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.start, self.stop = split_range(vocab_size, tp, tp_rank)
+        self.group = group
+        self.tp = tp
+        self.weight = nn.Parameter(torch.empty(self.stop - self.start, dim, dtype=dtype), False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp == 1:
+            return F.embedding(ids, self.weight)
+        inside = (ids >= self.start) & (ids < self.stop)
+        local = torch.where(inside, ids - self.start, torch.zeros_like(ids))
+        out = F.embedding(local, self.weight) * inside.unsqueeze(-1).to(self.weight.dtype)
+        return all_reduce(out, self.group)
+
+
+class ParallelLMHead(ColumnParallelLinear):
+    """Vocabulary projection split like `VocabParallelEmbedding`; logits are gathered over tp."""
+
+    def __init__(
+        self,
+        dim: int,
+        vocab_size: int,
+        tp: int,
+        tp_rank: int,
+        group: dist.ProcessGroup | None,
+        *,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            dim, split_sizes(vocab_size, tp), tp_rank, group,
+            bias=bias, gather_output=True, dtype=dtype,
+        )

@@ -1,0 +1,1 @@
+"""What runs on every rank: models, weight loading, KV cache, sampler and the step engine."""

@@ -1,0 +1,185 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2): GQA, RoPE, SwiGLU, RMSNorm, optional q/k/v bias.
+
+One instance holds one pipeline stage of one tp rank; parameter names are the HF names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel import ParallelContext, head_layout, split_sizes
+from parallel.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from runtime.models.attention import AttentionBatch, KVCache, paged_attention
+from runtime.models.rope import apply_rope, inv_freq_and_scale, rope_cos_sin
+
+
+@dataclass
+class LlamaConfig:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    sliding_window: int | None
+    max_position_embeddings: int
+    hf: dict[str, Any]
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
+        heads = cfg["num_attention_heads"]
+        qwen = cfg.get("model_type") == "qwen2"
+        window = cfg.get("sliding_window")
+        if qwen and not cfg.get("use_sliding_window", False):
+            window = None
+        return cls(
+            hidden_size=cfg["hidden_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            intermediate_size=cfg["intermediate_size"],
+            vocab_size=cfg["vocab_size"],
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", qwen)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            sliding_window=window,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            hf=cfg,
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 variance like the reference, then back to the activation dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, ctx: ParallelContext, dtype: torch.dtype) -> None:
+        super().__init__()
+        hl = head_layout(cfg.num_heads, cfg.num_kv_heads, ctx.tp, ctx.tp_rank)
+        self.heads, self.kv_heads, self.head_dim = hl.num_q, hl.num_kv, cfg.head_dim
+        self.register_buffer("kv_index", torch.tensor(hl.kv_index), persistent=False)
+        q_sizes = [head_layout(cfg.num_heads, cfg.num_kv_heads, ctx.tp, r).num_q * cfg.head_dim
+                   for r in range(ctx.tp)]
+        kv_sizes = [head_layout(cfg.num_heads, cfg.num_kv_heads, ctx.tp, r).num_kv * cfg.head_dim
+                    for r in range(ctx.tp)]
+        g, r, b = ctx.tp_group, ctx.tp_rank, cfg.attention_bias
+        self.q_proj = ColumnParallelLinear(cfg.hidden_size, q_sizes, r, g, bias=b, dtype=dtype)
+        self.k_proj = ColumnParallelLinear(cfg.hidden_size, kv_sizes, r, g, bias=b, dtype=dtype)
+        self.v_proj = ColumnParallelLinear(cfg.hidden_size, kv_sizes, r, g, bias=b, dtype=dtype)
+        self.o_proj = RowParallelLinear(q_sizes[r], cfg.hidden_size, g, dtype=dtype)
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(
+        self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+        batch: AttentionBatch, cache: KVCache,
+    ) -> torch.Tensor:
+        b, s, _ = x.shape  # (batch, seq, hidden)
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim)
+        q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
+        out = paged_attention(q, k, v, cache, batch, self.kv_index, self.scale)
+        return self.o_proj(out.reshape(b, s, self.heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig, ctx: ParallelContext, dtype: torch.dtype) -> None:
+        super().__init__()
+        sizes = split_sizes(cfg.intermediate_size, ctx.tp)
+        g, r, b = ctx.tp_group, ctx.tp_rank, cfg.mlp_bias
+        self.gate_proj = ColumnParallelLinear(cfg.hidden_size, sizes, r, g, bias=b, dtype=dtype)
+        self.up_proj = ColumnParallelLinear(cfg.hidden_size, sizes, r, g, bias=b, dtype=dtype)
+        self.down_proj = RowParallelLinear(sizes[r], cfg.hidden_size, g, bias=b, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, ctx: ParallelContext, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = LlamaAttention(cfg, ctx, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = LlamaMLP(cfg, ctx, dtype)
+
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                batch: AttentionBatch, cache: KVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, batch, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBody(nn.Module):
+    """The `model.` prefix of HF names: embedding, this stage's layers, final norm."""
+
+    def __init__(self, cfg: LlamaConfig, ctx: ParallelContext, layers: range,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        if ctx.is_first_stage:
+            self.embed_tokens = VocabParallelEmbedding(
+                cfg.vocab_size, cfg.hidden_size, ctx.tp, ctx.tp_rank, ctx.tp_group, dtype=dtype
+            )
+        # keyed by global layer index so parameter names match the checkpoint's
+        self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(cfg, ctx, dtype) for i in layers})
+        if ctx.is_last_stage:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+
+class LlamaForCausalLM(nn.Module):
+    """One pipeline stage of a Llama-family causal LM on one tp rank."""
+
+    config_class = LlamaConfig
+
+    def __init__(self, cfg: LlamaConfig, ctx: ParallelContext, layers: range,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.cfg, self.dtype = cfg, dtype
+        self.layer_ids = list(layers)
+        self.model = LlamaBody(cfg, ctx, layers, dtype)
+        if ctx.is_last_stage:
+            self.lm_head = ParallelLMHead(
+                cfg.hidden_size, cfg.vocab_size, ctx.tp, ctx.tp_rank, ctx.tp_group, dtype=dtype
+            )
+        inv_freq, self.rope_scale = inv_freq_and_scale(cfg.hf, cfg.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, tokens: torch.Tensor | None, hidden: torch.Tensor | None,
+                batch: AttentionBatch, caches: dict[int, KVCache]) -> torch.Tensor:
+        """tokens: (batch, seq) on the first stage, else hidden: (batch, seq, hidden_size).
+        Returns this stage's output hidden states (batch, seq, hidden_size)."""
+        batch.sliding_window = self.cfg.sliding_window
+        x = self.model.embed_tokens(tokens) if tokens is not None else hidden
+        cos_sin = rope_cos_sin(batch.positions, self.inv_freq, self.rope_scale, x.dtype)
+        for i in self.layer_ids:
+            x = self.model.layers[str(i)](x, cos_sin, batch, caches[i])
+        return x
+
+    def compute_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        """(batch, hidden_size) -> full-vocabulary logits (batch, vocab), on the last stage."""
+        return self.lm_head(self.model.norm(last_hidden))

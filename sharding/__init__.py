@@ -1,0 +1,1 @@
+"""Checkpoint reading, per-architecture sharding rules, shard writing and verification."""
