@@ -1,0 +1,64 @@
+"""Public engine types: what a caller (CLI, server) gives the engine and gets back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """Per-request generation settings. temperature == 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    return_logits: bool = False  # debugging/tests: full-vocabulary logits of every step
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError naming the first out-of-range setting."""
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise ValueError(
+                f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}"
+            )
+        if vocab_size is not None and any(not 0 <= t < vocab_size for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab_size})")
+
+
+@dataclass
+class EngineConfig:
+    """Engine-wide settings, identical on every rank."""
+
+    block_size: int = 16
+    num_blocks: int | None = None  # None: derived from kv_cache_bytes
+    kv_cache_bytes: int = 256 * 2**20  # per rank
+    max_running: int = 64  # sequences in the running batch
+    max_prefill_tokens: int = 4096  # tokens per prefill step
+    max_model_len: int | None = None  # None: the model's max positions
+    microbatches: int = 0  # pipeline micro-batches per step; 0: pp (when the batch allows)
+    max_waiting: int = 1024  # queued requests beyond this are refused
+
+
+@dataclass
+class TokenOutput:
+    """What one engine step produced for one request."""
+
+    request_id: str
+    token_id: int | None  # None when the request ended without a new token (abort)
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    logits: torch.Tensor | None = None
