@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         for row in report["results"]:
-            print(f"{row['prompt']!r} -> {row['text'] if row['text'] is not None else row['token_ids']}")
+            shown_out = row["text"] if row["text"] is not None else row["token_ids"]
+            print(f"{row['prompt']!r} -> {shown_out}")
         print(f"load {report['load_s']}s, prefill {report['prefill_s']}s, decode "
               f"{report['decode_s']}s ({report['decode_tokens_per_s']} tokens/s)")
     return 0
