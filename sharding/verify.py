@@ -125,7 +125,8 @@ def _compare_source(shards: ShardSource, src_path: Path, report: VerifyReport) -
         tp = shards.folder.tp
         for name in sorted(rules_names & set(table)):
             if src.shape(name) != table[name]["shape"]:
-                report.add(f"{name}: source shape {src.shape(name)}, manifest {table[name]['shape']}")
+                report.add(f"{name}: source shape {src.shape(name)}, "
+                           f"manifest {table[name]['shape']}")
                 continue
             full = src.read(name)
             if full.dtype.is_floating_point:

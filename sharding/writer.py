@@ -76,7 +76,8 @@ class Progress:
             frac = min(self.done / self.total, 1.0)
             rate = self.done / max(now - self.start, 1e-9) / 1e9
             bar = "#" * int(frac * 30)
-            sys.stderr.write(f"\r[{bar:<30}] {frac:6.1%} {self.done / 1e9:7.2f} GB {rate:5.2f} GB/s")
+            gb = self.done / 1e9
+            sys.stderr.write(f"\r[{bar:<30}] {frac:6.1%} {gb:7.2f} GB {rate:5.2f} GB/s")
             sys.stderr.flush()
 
     def finish(self) -> None:
