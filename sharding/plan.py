@@ -115,6 +115,7 @@ class Plan:
     ignored: list[str]
     dtype: str
     total_bytes: int
+    largest_source_bytes: int
 
 
 def layout_rules(config: dict[str, Any], tp: int, pp: int,
@@ -141,6 +142,7 @@ def make_plan(source: TensorSource, tp: int, pp: int, stage_layers: list[int] | 
     holders: dict[str, list[tuple[int, Entry]]] = {}
     tensors: dict[str, dict[str, Any]] = {}
     ignored: list[str] = []
+    largest = 0
     for name in names:
         if rules.is_ignored(name):
             ignored.append(name)
@@ -151,6 +153,7 @@ def make_plan(source: TensorSource, tp: int, pp: int, stage_layers: list[int] | 
                             f"{architecture_of(source.config)} model")
         full = tuple(source.shape(name))
         src_dtype = source.dtype(name)
+        largest = max(largest, nbytes(full, src_dtype))
         out_dtype = dtype if dtype is not None and src_dtype.is_floating_point else src_dtype
         cuts = [rules.cut(name, t) for t in range(tp)]
         check_cuts(name, list(full), cuts)
@@ -165,4 +168,4 @@ def make_plan(source: TensorSource, tp: int, pp: int, stage_layers: list[int] | 
     floats = {e.dtype for r in ranks for e in r if e.dtype.is_floating_point}
     total = sum(nbytes(e.shape, e.dtype) for r in ranks for e in r)
     return Plan(architecture_of(source.config), rules, ranks, holders, tensors, ignored,
-                dtype_name(floats.pop()) if len(floats) == 1 else "mixed", total)
+                dtype_name(floats.pop()) if len(floats) == 1 else "mixed", total, largest)

@@ -18,7 +18,14 @@ from sharding.manifest import MANIFEST, ShardError
 from sharding.plan import covers, parse_cut_meta
 from sharding.rules import Cut
 from sharding.shards import ShardFolder
-from sharding.stformat import ST_DTYPES, FormatError, TensorInfo, read_header, read_tensor
+from sharding.stformat import (
+    ST_DTYPES,
+    FormatError,
+    TensorInfo,
+    nbytes,
+    read_header,
+    read_tensor,
+)
 from sharding.writer import Summary, write_shards
 
 _BY_NAME = {str(v).removeprefix("torch."): v for v in ST_DTYPES.values()}
@@ -52,6 +59,7 @@ class ShardSource:
                 self.folder.check_file(rf.pp_rank, rf.tp_rank)
         self.tables = load_rank_tables(self.folder)
         self._handles: dict[int, BinaryIO] = {}
+        self._scratch = torch.empty(0, dtype=torch.uint8)
 
     def names(self) -> list[str]:
         return list(self.folder.manifest.tensors)
@@ -73,29 +81,47 @@ class ShardSource:
 
     def read(self, name: str, cut: Cut | None = None) -> torch.Tensor:
         """The full tensor `name` re-assembled from its first stage's tp ranks (then cut)."""
+        buf = torch.empty(nbytes(self.shape(name), self.dtype(name)), dtype=torch.uint8)
+        full = self.read_into(name, buf)
+        return cut_tensor(full, cut) if cut is not None else full
+
+    def read_into(self, name: str, buf: torch.Tensor) -> torch.Tensor:
+        """Re-assemble `name` into uint8 buffer `buf` (see TensorSource); row cuts are read
+        straight into place, column cuts through a reused scratch buffer. Not thread-safe."""
         stage = self._entry(name)["stages"][0]
-        tp = self.folder.tp
-        full = torch.empty(self.shape(name), dtype=self.dtype(name))
+        shape, dtype = self.shape(name), self.dtype(name)
+        flat = buf[: nbytes(shape, dtype)]
+        full = flat.view(dtype).reshape(shape)
+        row_bytes = nbytes(shape[1:], dtype)
         seen: list[tuple[int, int]] = []
-        for rank in range(stage * tp, stage * tp + tp):
+        for rank in range(stage * self.folder.tp, (stage + 1) * self.folder.tp):
             if name not in self.tables[rank]:
-                raise ShardError(f"{self.folder.rank_path(stage, rank - stage * tp)}: "
+                raise ShardError(f"{self.folder.path / self.folder.manifest.files[rank].file}: "
                                  f"lacks tensor {name}")
             info, stored = self.tables[rank][name]
-            part = read_tensor(self.file(rank), info)
             if stored.dim is None:
-                full = part
-                seen = [(0, 1)]
-                break
+                return read_tensor(self.file(rank), info, buf=buf)
             offset = 0
-            for a, b in stored.pieces:
-                full.narrow(stored.dim, a, b - a).copy_(part.narrow(stored.dim, offset, b - a))
-                offset += b - a
-                seen.append((a, b))
-        span = 1 if stored.dim is None else full.shape[stored.dim]
-        if not covers(seen, span):
+            if stored.dim == 0:
+                for a, b in stored.pieces:
+                    read_tensor(self.file(rank), info, offset, offset + b - a,
+                                buf=flat[a * row_bytes: b * row_bytes])
+                    offset += b - a
+            else:
+                part = read_tensor(self.file(rank), info, buf=self._scratch_for(info))
+                for a, b in stored.pieces:
+                    full.narrow(stored.dim, a, b - a).copy_(part.narrow(stored.dim, offset, b - a))
+                    offset += b - a
+            seen += stored.pieces
+        if not covers(seen, shape[stored.dim]):
             raise ShardError(f"{self.path}: the ranks of stage {stage} do not cover {name}")
-        return cut_tensor(full, cut) if cut is not None else full
+        return full
+
+    def _scratch_for(self, info: TensorInfo) -> torch.Tensor:
+        size = info.stop - info.start
+        if self._scratch.numel() < size:
+            self._scratch = torch.empty(size, dtype=torch.uint8)
+        return self._scratch
 
     def identity(self) -> dict[str, Any]:
         m = self.folder.manifest

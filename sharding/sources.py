@@ -25,7 +25,12 @@ TOKENIZER_FILES = (
 
 
 class TensorSource(Protocol):
-    """What the writer needs from a checkpoint: names, shapes, dtypes and (cut) reads."""
+    """What the writer needs from a checkpoint: names, shapes, dtypes and (cut) reads.
+
+    `read_into(name, buf)` returns the full tensor as a view of the front of the uint8 buffer
+    `buf` (large enough for it), so a streaming reader can reuse a few buffers instead of
+    allocating (and page-faulting) fresh memory for every tensor.
+    """
 
     path: Path
     config: dict[str, Any]
@@ -34,6 +39,7 @@ class TensorSource(Protocol):
     def shape(self, name: str) -> list[int]: ...
     def dtype(self, name: str) -> torch.dtype: ...
     def read(self, name: str, cut: Cut | None = None) -> torch.Tensor: ...
+    def read_into(self, name: str, buf: torch.Tensor) -> torch.Tensor: ...
     def identity(self) -> dict[str, Any]: ...
     def close(self) -> None: ...
 
@@ -102,6 +108,18 @@ class HFSource:
         except OSError as e:
             raise CheckpointError(f"{f}: cannot read tensor {name} ({e})") from e
         return cut_tensor(full, cut) if cut is not None else full
+
+    def read_into(self, name: str, buf: torch.Tensor) -> torch.Tensor:
+        """The full tensor `name` as a view of uint8 buffer `buf` (see TensorSource)."""
+        if name not in self._info:
+            t = self._ckpt.read(name)
+            out = buf[: t.numel() * t.element_size()].view(t.dtype).reshape(t.shape)
+            return out.copy_(t)
+        f, info = self._info[name]
+        try:
+            return read_tensor(self._handle(f), info, buf=buf)
+        except OSError as e:
+            raise CheckpointError(f"{f}: cannot read tensor {name} ({e})") from e
 
     def identity(self) -> dict[str, Any]:
         """Where the shards came from: path, config hash, and each weight file's size/mtime."""

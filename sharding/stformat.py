@@ -102,9 +102,10 @@ def header_bytes(entries: list[tuple[str, torch.dtype, list[int]]],
     return struct.pack("<Q", len(body)) + body, offsets
 
 
-def read_tensor(f: BinaryIO, info: TensorInfo, row_start: int = 0, row_stop: int | None = None
-                ) -> torch.Tensor:
-    """Rows [row_start, row_stop) of a tensor (all of it by default) with one plain read."""
+def read_tensor(f: BinaryIO, info: TensorInfo, row_start: int = 0, row_stop: int | None = None,
+                buf: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [row_start, row_stop) of a tensor (all of it by default) with one plain read, into
+    the front of uint8 buffer `buf` when given (the result is then a view of `buf`)."""
     shape = list(info.shape)
     if not shape:
         row_stop, row_bytes = 1, info.stop - info.start
@@ -113,7 +114,7 @@ def read_tensor(f: BinaryIO, info: TensorInfo, row_start: int = 0, row_stop: int
         row_bytes = nbytes(shape[1:], info.dtype)
         shape[0] = row_stop - row_start
     count = (row_stop - row_start) * row_bytes
-    buf = torch.empty(count, dtype=torch.uint8)
+    buf = torch.empty(count, dtype=torch.uint8) if buf is None else buf[:count]
     f.seek(info.start + row_start * row_bytes)
     if count and f.readinto(memoryview(buf.numpy())) != count:  # type: ignore[attr-defined]
         raise OSError(f"short read of {count} bytes")

@@ -14,7 +14,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -26,7 +28,7 @@ from sharding.plan import Entry, Plan, make_plan
 from sharding.sources import TOKENIZER_FILES, TensorSource
 from sharding.stformat import header_bytes, tensor_bytes
 
-CHUNK_BYTES = 32 * 1024 * 1024
+CHUNK_BYTES = 8 * 1024 * 1024
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -165,16 +167,33 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
+def _drain(futures: list[Future[int]], progress: Progress) -> None:
+    for fut in futures:
+        progress.update(fut.result())
+
+
 def _stream(source: TensorSource, plan: Plan, tmp: Path, progress: Progress) -> list[RankFile]:
-    writers = [RankWriter(tmp / rank_file_name(p, t), p, t, plan.ranks[p * plan.rules.tp + t])
-               for p in range(plan.rules.pp) for t in range(plan.rules.tp)]
+    """Read each tensor once (into one of two reused buffers) while per-rank threads cut,
+    convert, write and hash the previous one; a rank's tensors are written in plan order."""
+    tp = plan.rules.tp
+    writers = [RankWriter(tmp / rank_file_name(p, t), p, t, plan.ranks[p * tp + t])
+               for p in range(plan.rules.pp) for t in range(tp)]
+    pools = [ThreadPoolExecutor(1, thread_name_prefix=f"shard-rank{r}")
+             for r in range(len(writers))]
+    buffers = [torch.empty(plan.largest_source_bytes, dtype=torch.uint8) for _ in range(2)]
+    inflight: deque[list[Future[int]]] = deque()
     try:
-        for name, holders in plan.holders.items():
-            full = source.read(name)
-            for rank, entry in holders:
-                progress.update(writers[rank].write_tensor(entry, full))
-            del full
+        for i, (name, holders) in enumerate(plan.holders.items()):
+            if len(inflight) == len(buffers):
+                _drain(inflight.popleft(), progress)  # frees the buffer read into next
+            full = source.read_into(name, buffers[i % len(buffers)])
+            inflight.append([pools[rank].submit(writers[rank].write_tensor, entry, full)
+                             for rank, entry in holders])
+        while inflight:
+            _drain(inflight.popleft(), progress)
     finally:
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
         for w in writers:
             w.file.close()
     return [w.close() for w in writers]

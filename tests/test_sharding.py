@@ -195,15 +195,15 @@ def test_tokenizer_files_copied(checkpoint_dir, tmp_path: Path) -> None:
 
 
 class CountingSource(HFSource):
-    """Counts full-tensor reads, to show the writer streams each tensor exactly once."""
+    """Counts tensor reads, to show the writer streams each tensor exactly once."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.reads: list[str] = []
 
-    def read(self, name, cut=None):
+    def read_into(self, name, buf):
         self.reads.append(name)
-        return super().read(name, cut)
+        return super().read_into(name, buf)
 
 
 def test_each_source_tensor_read_once(checkpoint_dir, tmp_path: Path) -> None:

@@ -153,11 +153,11 @@ def test_interrupted_write_leaves_nothing(checkpoint_dir, tmp_path: Path) -> Non
     class Failing(HFSource):
         count = 0
 
-        def read(self, name, cut=None):
+        def read_into(self, name, buf):
             self.count += 1
             if self.count == 10:
                 raise KeyboardInterrupt
-            return super().read(name, cut)
+            return super().read_into(name, buf)
 
     with pytest.raises(KeyboardInterrupt):
         write_shards(Failing(checkpoint_dir("qwen2")), tmp_path / "out", 2, 2)
@@ -228,3 +228,23 @@ def test_cli_process_exit_status(checkpoint_dir, tmp_path: Path) -> None:
     bad = subprocess.run([*cmd, "shard", src, str(tmp_path / "b"), "--tp", "9"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "tp=9" in bad.stderr and not (tmp_path / "b").exists()
+
+
+def test_write_failure_in_rank_thread_leaves_nothing(capsys, checkpoint_dir, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk error while a rank thread writes: one error line, no output, no temp folder."""
+    from sharding import writer
+
+    calls = {"n": 0}
+    original = writer.RankWriter.write_tensor
+
+    def failing(self, entry, full):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise OSError(28, "No space left on device")
+        return original(self, entry, full)
+
+    monkeypatch.setattr(writer.RankWriter, "write_tensor", failing)
+    code, _, err = run_cli(capsys, "shard", str(checkpoint_dir("gpt2")), str(tmp_path / "out"),
+                           "--tp", "2", "--pp", "2")
+    assert_clean_failure(code, err, tmp_path / "out", "No space left")
