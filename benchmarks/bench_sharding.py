@@ -49,28 +49,31 @@ def llama_shapes(cfg: dict) -> list[tuple[str, list[int]]]:
     return out + [("model.norm.weight", [h]), ("lm_head.weight", [v, h])]
 
 
-def make_checkpoint(path: Path, layers: int) -> tuple[int, int]:
-    """Stream random bf16 tensors into path/model.safetensors; returns (params, largest bytes)."""
+def make_checkpoint(path: Path, layers: int, dtype_name: str = "bfloat16",
+                    **overrides: object) -> tuple[int, int]:
+    """Stream random tensors of a Llama (CONFIG with `overrides`) into path/model.safetensors,
+    never holding more than one tensor; returns (params, largest tensor bytes)."""
     import torch
 
     from sharding.stformat import header_bytes, tensor_bytes
 
-    cfg = dict(CONFIG, num_hidden_layers=layers)
+    dtype = getattr(torch, dtype_name)
+    cfg = dict(CONFIG, num_hidden_layers=layers, torch_dtype=dtype_name, **overrides)
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(cfg, indent=1))
     shapes = llama_shapes(cfg)
-    header, _ = header_bytes([(n, torch.bfloat16, s) for n, s in shapes], {"format": "pt"})
+    header, _ = header_bytes([(n, dtype, s) for n, s in shapes], {"format": "pt"})
     gen = torch.Generator().manual_seed(0)
     params = largest = 0
     with open(path / "model.safetensors", "wb") as f:
         f.write(header)
         for _, shape in shapes:
-            t = torch.randn(shape, generator=gen, dtype=torch.bfloat16).mul_(0.02)
+            t = torch.randn(shape, generator=gen, dtype=dtype).mul_(0.02)
             if len(shape) == 1:
                 t.fill_(1.0)
             f.write(tensor_bytes(t))
             params += t.numel()
-            largest = max(largest, t.numel() * 2)
+            largest = max(largest, t.numel() * t.element_size())
     return params, largest
 
 

@@ -101,6 +101,8 @@ class ShardSource:
             info, stored = self.tables[rank][name]
             if stored.dim is None:
                 return read_tensor(self.file(rank), info, buf=buf)
+            if stored.pieces == ((0, shape[stored.dim]),):  # one rank holds all of it
+                return read_tensor(self.file(rank), info, buf=buf)
             offset = 0
             if stored.dim == 0:
                 for a, b in stored.pieces:

@@ -29,6 +29,9 @@ from sharding.sources import TOKENIZER_FILES, TensorSource
 from sharding.stformat import header_bytes, tensor_bytes
 
 CHUNK_BYTES = 8 * 1024 * 1024
+# Reading the next tensor while the last one is written needs a second buffer; above this size
+# it would break the memory budget (1.5 x largest tensor + 500 MB), so big tensors go one by one.
+PREFETCH_MAX_BYTES = 256 * 1024 * 1024
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -173,14 +176,16 @@ def _drain(futures: list[Future[int]], progress: Progress) -> None:
 
 
 def _stream(source: TensorSource, plan: Plan, tmp: Path, progress: Progress) -> list[RankFile]:
-    """Read each tensor once (into one of two reused buffers) while per-rank threads cut,
-    convert, write and hash the previous one; a rank's tensors are written in plan order."""
+    """Read each tensor once (into one of two reused buffers, or one when tensors are big) while
+    per-rank threads cut, convert, write and hash the previous one; a rank's tensors are written
+    in plan order."""
     tp = plan.rules.tp
     writers = [RankWriter(tmp / rank_file_name(p, t), p, t, plan.ranks[p * tp + t])
                for p in range(plan.rules.pp) for t in range(tp)]
     pools = [ThreadPoolExecutor(1, thread_name_prefix=f"shard-rank{r}")
              for r in range(len(writers))]
-    buffers = [torch.empty(plan.largest_source_bytes, dtype=torch.uint8) for _ in range(2)]
+    count = 2 if plan.largest_source_bytes <= PREFETCH_MAX_BYTES else 1
+    buffers = [torch.empty(plan.largest_source_bytes, dtype=torch.uint8) for _ in range(count)]
     inflight: deque[list[Future[int]]] = deque()
     try:
         for i, (name, holders) in enumerate(plan.holders.items()):

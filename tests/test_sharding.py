@@ -210,3 +210,29 @@ def test_each_source_tensor_read_once(checkpoint_dir, tmp_path: Path) -> None:
     src = CountingSource(checkpoint_dir("mistral"))
     write_shards(src, tmp_path / "out", 2, 2)
     assert sorted(src.reads) == sorted(src.names())
+
+
+def _bench_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sharding.py"
+    spec = importlib.util.spec_from_file_location("bench_sharding", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peak_memory_stays_near_largest_tensor(tmp_path: Path) -> None:
+    """Sharding a ~0.7 GB fp32 checkpoint (largest tensor 67 MB) in a child process keeps its
+    peak RSS within 1.5 x largest tensor + 500 MB, well below holding the checkpoint."""
+    bench = _bench_module()
+    src = tmp_path / "src"
+    _, largest = bench.make_checkpoint(src, 12, "float32", hidden_size=1024,
+                                       intermediate_size=2816, num_attention_heads=16,
+                                       vocab_size=16384)
+    size = (src / "model.safetensors").stat().st_size
+    out, _, peak = bench.run_child(["-m", "launcher.cli", "shard", str(src), str(tmp_path / "o"),
+                                    "--tp", "2", "--pp", "2", "--dtype", "bf16"])
+    assert "sharded" in out
+    assert peak <= 1.5 * largest + 500e6, (peak, largest)
+    assert peak < size, (peak, size)
