@@ -7,8 +7,11 @@ that prints a one-line error and returns a non-zero exit status on bad input.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from sharding.checkpoint import CheckpointError
 from sharding.manifest import ShardError
@@ -61,9 +64,27 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_reshard)
 
 
+@contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit while writing, so the temporary folder is removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _guarded(command: str, body: Callable[[], int]) -> int:
     try:
-        return body()
+        with _sigterm_as_exit():
+            return body()
     except (ShardError, CheckpointError, FormatError, ValueError, OSError) as e:
         print(f"shardserve {command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

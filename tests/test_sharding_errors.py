@@ -248,3 +248,25 @@ def test_write_failure_in_rank_thread_leaves_nothing(capsys, checkpoint_dir, tmp
     code, _, err = run_cli(capsys, "shard", str(checkpoint_dir("gpt2")), str(tmp_path / "out"),
                            "--tp", "2", "--pp", "2")
     assert_clean_failure(code, err, tmp_path / "out", "No space left")
+
+
+def test_sigterm_mid_write_leaves_nothing(capsys, checkpoint_dir, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+
+    calls = {"n": 0}
+    original = HFSource.read_into
+
+    def terminated(self, name, buf):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, name, buf)
+
+    monkeypatch.setattr(HFSource, "read_into", terminated)
+    with pytest.raises(SystemExit) as exc:
+        main(["shard", str(checkpoint_dir("llama")), str(tmp_path / "out"), "--tp", "2"])
+    assert exc.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
