@@ -21,9 +21,9 @@ def test_generate_json_matches_transformers(checkpoint_dir) -> None:
     path = checkpoint_dir("qwen2")
     prompts = [[3, 5, 7, 9], [11, 12, 13, 14, 15, 16]]
     ref, _ = reference_generate(path, prompts, 8)
+    id_args = [a for p in prompts for a in ("--token-ids", ",".join(map(str, p)))]
     out = shardserve("generate", "--model", str(path), "--tp", "2", "--pp", "2", "--max-tokens",
-                     "8", "--ignore-eos", "--json", *[a for p in prompts
-                                                      for a in ("--token-ids", ",".join(map(str, p)))])
+                     "8", "--ignore-eos", "--json", *id_args)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert [r["token_ids"] for r in report["results"]] == ref
