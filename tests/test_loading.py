@@ -40,7 +40,8 @@ def test_multi_file_and_bin_checkpoints_generate_like_transformers(tmp_path, lay
 def _stage(path, cfg):
     rules = rules_for(cfg, 1, 1)
     cls = model_class(cfg)
-    return cls(cls.config_class.from_hf(cfg), ParallelContext.single(), rules.layers_of_stage(0)), rules
+    model = cls(cls.config_class.from_hf(cfg), ParallelContext.single(), rules.layers_of_stage(0))
+    return model, rules
 
 
 def test_load_report_lists_missing_and_unexpected(tmp_path) -> None:
