@@ -165,7 +165,7 @@ def from_mpi(env: Mapping[str, str]) -> RankInfo | None:
         rank, world = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE")
         local = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", default=0)
         local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", default=1)
-        node = _int(env, "OMPI_COMM_WORLD_NODE_RANK", default=0)
+        node = rank // max(local_world, 1)  # OMPI has no node index; assumes by-slot mapping
     elif ("PMI_RANK" in env or "PMIX_RANK" in env) and "SLURM_PROCID" not in env:
         rank = _int(env, "PMI_RANK", "PMIX_RANK")
         world = _int(env, "PMI_SIZE")
