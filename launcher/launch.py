@@ -59,6 +59,13 @@ class LayoutRow:
         return " ".join(f"{k}={v}" for k, v in asdict(self).items())
 
 
+def say(message: str, stream: Any = None) -> None:
+    """Print one line in a single write, so lines of ranks sharing a pipe do not interleave."""
+    stream = stream or sys.stdout
+    stream.write(message + "\n")
+    stream.flush()
+
+
 def layout_row(info: RankInfo, tp: int, plan: DevicePlan) -> LayoutRow:
     return LayoutRow(
         rank=info.rank,
@@ -220,8 +227,8 @@ def exec_command(info: RankInfo, args: argparse.Namespace) -> int:
     validate_world(info, args.tp, args.pp)
     plan = choose_device(info.local_rank, args.backend)
     row = layout_row(info, args.tp, plan)
-    print(f"shardserve launch: {row.line()} master={info.master_addr}:{info.master_port}",
-          file=sys.stderr, flush=True)
+    say(f"shardserve launch: {row.line()} master={info.master_addr}:{info.master_port}",
+        sys.stderr)
     env = export_env(info, args.tp, args.pp, plan, dict(os.environ))
     env["SHARDSERVE_TIMEOUT_S"] = str(args.timeout)
     _finalize_mpi()
@@ -234,19 +241,19 @@ def run_check(info: RankInfo, args: argparse.Namespace) -> int:
     """Join the world, print the layout on rank 0, check the fabric, optionally hold."""
     ctx, plan = init_world(info, args.tp, args.pp, backend=args.backend, timeout_s=args.timeout)
     watchdog = start_watchdog(info, timeout_s=args.watchdog_timeout)
-    print(f"shardserve launch: rank {info.rank} pid {os.getpid()} joined", flush=True)
+    say(f"shardserve launch: rank {info.rank} pid {os.getpid()} joined")
     rows = gather_layout(ctx, layout_row(info, args.tp, plan))
     if ctx.is_driver:
-        print(format_layout(rows), flush=True)
+        say(format_layout(rows))
     seen = check_fabric(ctx)
-    print(f"shardserve launch: rank {info.rank} check ok tp_sum={seen['tp_sum']:g} "
-          f"recv_from_prev={seen['recv_from_prev']:g}", flush=True)
+    say(f"shardserve launch: rank {info.rank} check ok tp_sum={seen['tp_sum']:g} "
+        f"recv_from_prev={seen['recv_from_prev']:g}")
     if args.hold > 0:
         hold(ctx, args.hold)
     watchdog.stop()
     dist.barrier(group=ctx.control_group)
     if ctx.is_driver:
-        print(f"shardserve launch: all {ctx.world_size} ranks ok", flush=True)
+        say(f"shardserve launch: all {ctx.world_size} ranks ok")
     dist.destroy_process_group()
     return 0
 
@@ -264,7 +271,7 @@ def run_launch(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
         return run_check(info, args)
     except Exception as e:  # noqa: BLE001 - reported with the rank, then a hard exit
         kind = "timeout" if isinstance(e, LaunchTimeout) or is_timeout(e) else "error"
-        print(f"shardserve launch: rank {info.rank}: {kind}: {e}", file=sys.stderr, flush=True)
+        say(f"shardserve launch: rank {info.rank}: {kind}: {e}", sys.stderr)
         sys.stdout.flush()
         os._exit(EXIT_PEER_LOST if kind == "timeout" else 1)
 
@@ -315,7 +322,7 @@ def join_launched_world(
         if ctx.is_driver:
             watchdog.stop()
             raise
-        print(f"shardserve: rank {ctx.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        say(f"shardserve: rank {ctx.rank}: {type(e).__name__}: {e}", sys.stderr)
         os._exit(1)
     if engine is not None:
         return LaunchedWorld(engine, ctx, watchdog)

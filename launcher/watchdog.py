@@ -109,7 +109,7 @@ class Watchdog:
 
     def _lost(self, reason: str) -> None:
         self.lost_reason = reason
-        print(f"shardserve watchdog: rank {self.rank}: peer lost: {reason}", file=sys.stderr)
+        sys.stderr.write(f"shardserve watchdog: rank {self.rank}: peer lost: {reason}\n")
         sys.stderr.flush()
         if self.rank == 0:
             self.abort(reason)

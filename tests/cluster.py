@@ -34,7 +34,7 @@ def cli(*args: str) -> list[str]:
 
 
 def env_for_ranks(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for launched ranks: repo importable, one thread each, no stale launch vars."""
+    """Environment for launched ranks: repo importable, one thread each, no stale launch vars."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_"))
            and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -62,7 +62,8 @@ def unavailable(what: str) -> str | None:
             f".ci/setup-cluster.sh install failed: {out.stderr.strip()[-500:]}")
     if _installed["install"]:
         return _installed["install"]
-    tools = {"mpi": ["mpirun"], "slurm": ["srun", "slurmctld", "munged"], "netns": ["ip", "unshare"]}
+    tools = {"mpi": ["mpirun"], "slurm": ["srun", "slurmctld", "munged"],
+             "netns": ["ip", "unshare"]}
     missing = [t for t in tools[what] if not shutil.which(t)]
     return f"missing after install: {missing}" if missing else None
 
@@ -185,4 +186,4 @@ def idle_engine(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "idle-engine":
         sys.exit(idle_engine(sys.argv[2:]))
-    sys.exit(f"usage: python -m tests.cluster idle-engine --model M [--tp T --pp P]")
+    sys.exit("usage: python -m tests.cluster idle-engine --model M [--tp T --pp P]")
