@@ -126,3 +126,18 @@ def test_kill_worker_under_torchrun(model: Path) -> None:
     print(f"torchrun: killed rank 1, torchrun and all ranks gone after {took:.1f} s "
           f"(status {proc.returncode})")
     assert proc.returncode != 0 and took < LIMIT_S
+
+
+def test_missing_rank_is_reported_as_rendezvous_timeout() -> None:
+    """Only 3 of 4 ranks start: each reports a rendezvous timeout (not a hang) and exits 75."""
+    port = free_port()
+    t0 = time.monotonic()
+    ranks = cluster.start_ranks(cluster.cli("launch", "--tp", "2", "--pp", "2", "--timeout", "3"),
+                                4, port)
+    ranks[3].proc.kill()  # never joins
+    cluster.wait_for(lambda: all(r.exited_at is not None for r in ranks[:3]), 30, "timeouts")
+    print(f"rendezvous timeout reported after {time.monotonic() - t0:.1f} s")
+    for r in ranks[:3]:
+        assert r.proc.returncode == EXIT_PEER_LOST, r.lines
+        assert any(f"rank {r.rank}: timeout:" in line and "timed out" in line
+                   for line in r.lines), r.lines
