@@ -78,7 +78,8 @@ def make_checkpoint(path: Path, layers: int, dtype_name: str = "bfloat16",
 
 
 def run_child(args: list[str]) -> tuple[str, float, int]:
-    """Run a child process; returns (stdout, wall seconds, peak RSS bytes of that very child)."""
+    """Run a child process; returns (stdout, wall seconds, peak RSS bytes of that very child).
+    The child's CPU seconds (user + sys) are kept in LAST_CPU."""
     start = time.time()
     with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
         proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=fo, stderr=fe,
@@ -90,17 +91,27 @@ def run_child(args: list[str]) -> tuple[str, float, int]:
         out, err = fo.read(), fe.read()
     if proc.returncode:
         raise RuntimeError(f"{args} failed ({proc.returncode}): {err[-2000:]}")
+    LAST_CPU[0] = usage.ru_utime + usage.ru_stime
     return out, time.time() - start, usage.ru_maxrss * 1024
 
 
-def timed_copy(files: list[Path], dst: Path) -> float:
+LAST_CPU = [0.0]
+
+
+def timed_copy(files: list[Path], dst: Path) -> tuple[float, float]:
+    """Copy `files` into `dst` (then remove it): (wall seconds, CPU seconds user + sys)."""
+    import resource
+
     dst.mkdir()
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.time()
     for f in files:
         shutil.copyfile(f, dst / f.name)
     seconds = time.time() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
     shutil.rmtree(dst)
-    return seconds
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return seconds, cpu
 
 
 # Both loaders map files lazily; `touch` reads one byte per page of every tensor so that the
@@ -183,16 +194,19 @@ def bench(work: Path, layers: int, tp: int, pp: int, rounds: int) -> None:
 
     # This machine's page cache is noisy (a VM: first-touch of memory is slow), so copy and
     # shard alternate for a few rounds and the best of each is compared.
-    copies, shards, peaks = [], [], []
+    copies, shards, peaks, copy_cpu, shard_cpu = [], [], [], [], []
     for r in range(rounds):
-        copies.append(timed_copy(files, work / "copy"))
-        if r:
+        if r:  # free the last output first, so that copy and shard find the same free memory
             shutil.rmtree(out)
+        wall_s, cpu_s = timed_copy(files, work / "copy")
+        copies.append(wall_s)
+        copy_cpu.append(cpu_s)
         stdout, wall, peak = run_child(["-m", "launcher.cli", "shard", str(src), str(out),
                                         "--tp", str(tp), "--pp", str(pp)])
         summary = stdout.strip().splitlines()[-1]
         shards.append(float(summary.split(" in ")[1].split(" s ")[0]))
         peaks.append(peak)
+        shard_cpu.append(LAST_CPU[0])
     copy_s, shard_s, peak = min(copies), min(shards), max(peaks)
     written = sum(f.stat().st_size for f in out.glob("rank-*.safetensors"))
     budget = 1.5 * largest + 500e6
@@ -202,6 +216,8 @@ def bench(work: Path, layers: int, tp: int, pp: int, rounds: int) -> None:
     print(f"plain copy of the same bytes: best {copy_s:.2f} s of {_fmt(copies)}, "
           f"{size / copy_s / 1e9:.2f} GB/s -> shard/copy throughput ratio "
           f"{copy_s / shard_s:.2f} (target >= 0.5)")
+    print(f"CPU seconds (user + sys): shard {_fmt(shard_cpu)} (interpreter start included), "
+          f"copy {_fmt(copy_cpu)}; the wall-clock ratio swings with other load on this machine")
     print(f"peak RSS of the shard process: {peak / 1e6:.0f} MB (max over runs); budget 1.5 x "
           f"largest tensor + 500 MB = {budget / 1e6:.0f} MB -> "
           f"{'within' if peak <= budget else 'OVER'}")
