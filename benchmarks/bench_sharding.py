@@ -77,13 +77,31 @@ def make_checkpoint(path: Path, layers: int, dtype_name: str = "bfloat16",
     return params, largest
 
 
+# Runs `-m module args...` or `-c code args...` and reports the peak RSS of this process image
+# (VmHWM, which starts afresh at exec; ru_maxrss would include the forked parent's pages).
+WRAPPER = """
+import runpy, sys
+kind, target, *rest = sys.argv[1:]
+try:
+    if kind == "-m":
+        sys.argv = [target, *rest]
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = ["-c", *rest]
+        exec(compile(target, "<child>", "exec"), {"__name__": "__main__"})
+finally:
+    hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")]
+    print("VMHWM", int(hwm[0].split()[1]) * 1024, file=sys.stderr)
+"""
+
+
 def run_child(args: list[str]) -> tuple[str, float, int]:
-    """Run a child process; returns (stdout, wall seconds, peak RSS bytes of that very child).
-    The child's CPU seconds (user + sys) are kept in LAST_CPU."""
+    """Run `python -m ...` / `python -c ...` in a child process; returns (stdout, wall seconds,
+    peak RSS bytes of the child). The child's CPU seconds (user + sys) go to LAST_CPU."""
     start = time.time()
     with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
-        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=fo, stderr=fe,
-                                text=True)
+        proc = subprocess.Popen([sys.executable, "-c", WRAPPER, *args], cwd=ROOT, stdout=fo,
+                                stderr=fe, text=True)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         fo.seek(0)
@@ -92,7 +110,8 @@ def run_child(args: list[str]) -> tuple[str, float, int]:
     if proc.returncode:
         raise RuntimeError(f"{args} failed ({proc.returncode}): {err[-2000:]}")
     LAST_CPU[0] = usage.ru_utime + usage.ru_stime
-    return out, time.time() - start, usage.ru_maxrss * 1024
+    peaks = [int(line.split()[1]) for line in err.splitlines() if line.startswith("VMHWM ")]
+    return out, time.time() - start, peaks[-1]
 
 
 LAST_CPU = [0.0]
