@@ -56,6 +56,8 @@ class VersionStats:
             for target, (count, ns) in ((st.success, self.success), (st.fail, self.fail),
                                         (st.queue, self.queue), (st.compute_infer, self.compute)):
                 target.count, target.ns = count, ns
+            # perf_analyzer wants equal compute counts; input/output staging is inside infer
+            st.compute_input.count = st.compute_output.count = self.compute[0]
         return s
 
 

@@ -18,8 +18,8 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from serving.config import config_datatype, parse_json_config, validate_config
-from serving.convert import param_value, to_infer_request, to_infer_response
+from serving.config import parse_json_config, validate_config
+from serving.convert import config_datatype, param_value, to_infer_request, to_infer_response
 from serving.manager import LoadedVersion, ModelManager
 from serving.types import InferRequest, InferResponse, ServingError
 

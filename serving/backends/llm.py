@@ -312,5 +312,9 @@ class LLMBackend(Backend):
         if self._driver is not None:
             self._driver.stop()
         if self._local is not None:
-            self._local.close()
+            try:
+                self._local.close()
+            except RuntimeError as e:  # ranks already gone (e.g. a signal to the whole group)
+                log.warning("model %s: rank shutdown: %s", self.config.name,
+                            str(e).splitlines()[0][:200])
         self._driver = self._local = None
