@@ -243,7 +243,7 @@ class EngineDriver:
         s = self.engine.stats()
         extra = {"finish_reason": reason, "prompt_tokens": len(live.job.prompt_ids),
                  "completion_tokens": len(live.ids), "kv_free_blocks": s["free_blocks"],
-                 "kv_total_blocks": s["total_blocks"]}
+                 "kv_total_blocks": s["total_blocks"], "preemptions": s["preemptions"]}
         live.sink.send(live.response(True, extra), True)
 
     def _fail_all(self, status: str, message: str) -> None:
