@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from parallel import ParallelContext, init_parallel
 from runtime.engine import LLMEngine
-from runtime.worker import EngineSpec, run_rank
+from runtime.worker import EngineSpec, RankStartupError, check_layout, run_rank
 
 __all__ = ["EngineSpec", "LocalEngine", "device_for", "start_local_engine"]
 
@@ -64,6 +64,8 @@ def _worker_main(rank: int, spec: EngineSpec, port: int, parent_pid: int) -> Non
         ctx = _join(spec, rank, port)
         run_rank(spec, ctx)
         dist.destroy_process_group()
+    except RankStartupError:
+        os._exit(1)  # rank 0 reports every rank's start-up error
     except Exception:
         traceback.print_exc()
         os._exit(1)
@@ -98,6 +100,7 @@ class LocalEngine:
 
 def start_local_engine(spec: EngineSpec) -> LocalEngine:
     """Spawn ranks 1..N-1, become rank 0, and return once every rank has loaded."""
+    check_layout(spec)  # fail fast, before any process is spawned
     world = spec.tp * spec.pp
     port = free_port()
     mpctx = mp.get_context("spawn")

@@ -18,7 +18,7 @@ from runtime.models.registry import model_class
 from runtime.runner import ModelRunner
 from runtime.tokenizer import Tokenizer
 from runtime.types import EngineConfig
-from sharding.checkpoint import HFCheckpoint
+from sharding.checkpoint import HFCheckpoint, read_config
 from sharding.rules import ArchRules, rules_for
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -66,6 +66,16 @@ def open_weights(spec: EngineSpec, ctx: ParallelContext) -> tuple[dict[str, Any]
     ckpt = HFCheckpoint(path)
     rules = rules_for(ckpt.config, spec.tp, spec.pp, spec.stage_layers)
     return ckpt.config, rules, ckpt
+
+
+def check_layout(spec: EngineSpec) -> None:
+    """Raise ValueError/CheckpointError if `spec` cannot work, without loading any weights."""
+    path = Path(spec.model)
+    if is_shard_folder(path):
+        return  # checked against the manifest when each rank opens its shard
+    cfg = read_config(path) if path.is_dir() else HFCheckpoint(path).config
+    rules_for(cfg, spec.tp, spec.pp, spec.stage_layers)
+    resolve_dtype(spec.dtype, cfg)
 
 
 def kv_blocks(spec: EngineSpec, rules: ArchRules, dtype: torch.dtype) -> int:
