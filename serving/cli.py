@@ -56,8 +56,19 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CommandError(e.message) from None
     explicit = args.model_control_mode == "explicit"
     startup = list(args.load_model) if explicit and "*" not in args.load_model else None
+    if _launched_worker():  # a non-zero rank of a launched world: follow step plans, no front
+        manager.load_startup(startup)
+        return 0
     return asyncio.run(serve(manager, args.host, args.grpc_port, startup, args.workers,
                              args.max_message_bytes, args.exit_on_error))
+
+
+def _launched_worker() -> bool:
+    """True on ranks 1.. of a world started by torchrun/mpirun/srun (they serve no gRPC)."""
+    from launcher.discovery import discover_ranks
+
+    info = discover_ranks()
+    return info.launched and info.rank != 0
 
 
 def _params(items: list[str]) -> dict[str, str]:

@@ -270,6 +270,7 @@ class LLMBackend(Backend):
     def load(self) -> None:
         import torch.distributed as dist
 
+        from launcher.launch import join_launched_world
         from launcher.local import start_local_engine
         from runtime.worker import EngineSpec
 
@@ -280,16 +281,21 @@ class LLMBackend(Backend):
                                "process); unload it first")
         spec = EngineSpec(str(s.model), s.tp, s.pp, s.dtype, s.engine, backend=s.dist_backend)
         t0 = time.perf_counter()
-        try:
-            self._local = start_local_engine(spec)
+        try:  # under torchrun/mpirun/srun: join that world (other ranks never return here)
+            self._local = join_launched_world(spec, on_peer_lost=self._peer_lost) or (
+                start_local_engine(spec))
         except Exception as e:
             raise ServingError("INTERNAL", f"model '{self.config.name}': starting {s.tp}x{s.pp} "
                                f"ranks failed: {e}") from e
-        self._driver = EngineDriver(self._local.engine, self.config.name,
-                                    self._local.dead_workers)
+        dead = getattr(self._local, "dead_workers", list)
+        self._driver = EngineDriver(self._local.engine, self.config.name, dead)
         self._driver.start()
         log.info("model %s: tp=%d pp=%d loaded from %s in %.1fs (%s)", self.config.name, s.tp,
                  s.pp, s.model, time.perf_counter() - t0, self._driver.stats)
+
+    def _peer_lost(self, reason: str) -> None:
+        if self._driver is not None:
+            self._driver.failure = f"a rank was lost: {reason}"
 
     def submit(self, request: InferRequest, sink: ResponseSink) -> None:
         driver = self._driver
