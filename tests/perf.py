@@ -46,7 +46,7 @@ def run_perf_analyzer(url: str, model: str, tmp: Path, extra: list[str],
     exe, env = perf_analyzer_env()
     report = tmp / f"perf-{model}.csv"
     cmd = [str(exe), "-m", model, "-i", "grpc", "-u", url, "--concurrency-range", concurrency,
-           "--measurement-interval", "1500", "--stability-percentage", "100",
+           "--measurement-interval", "1500", "--stability-percentage", "1000",
            "--max-trials", "3", "-f", str(report), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     output = proc.stdout + proc.stderr
