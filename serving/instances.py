@@ -11,14 +11,23 @@ from __future__ import annotations
 import threading
 import time
 from abc import abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from serving.batcher import DynamicBatcher, Pending
 from serving.metrics import InferenceRecorder
-from serving.tensor_config import batch_key, validate_request
+from serving.tensor_config import (
+    apply_reshape,
+    batch_key,
+    concat_inputs,
+    select_outputs,
+    split_outputs,
+    validate_request,
+)
 from serving.types import Backend, InferRequest, InferResponse, ResponseSink, ServingError
 
 
@@ -28,6 +37,39 @@ class ModelInstance(Protocol):
     def execute(self, batch: list[Pending]) -> None: ...
 
     def close(self) -> None: ...
+
+
+class BatchedInstance:
+    """Joins a batch along dim 0, runs `run(inputs) -> outputs` once, splits outputs back.
+
+    Used by the tensor backends (pytorch, onnxruntime); `reshape` in the config is applied on
+    the way in and undone on the way out.
+    """
+
+    def __init__(self, config: mc.ModelConfig,
+                 run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+                 close: Callable[[], None] | None = None) -> None:
+        self._config = config
+        self._run = run
+        self._close = close
+        self._out_reshape = {o.name: list(o.dims) for o in config.output if o.HasField("reshape")}
+
+    def execute(self, batch: list[Pending]) -> None:
+        inputs = apply_reshape(self._config, concat_inputs([p.request for p in batch]))
+        outputs = self._run(inputs)
+        lead = 1 if self._config.max_batch_size > 0 else 0
+        for name, dims in self._out_reshape.items():
+            if name in outputs:
+                outputs[name] = outputs[name].reshape(list(outputs[name].shape[:lead]) + dims)
+        parts = (split_outputs(outputs, [p.batch_size for p in batch]) if lead
+                 else [outputs] * len(batch))
+        for pending, out in zip(batch, parts, strict=True):
+            response = InferResponse(select_outputs(out, pending.request.requested_outputs))
+            pending.sink.send(response, True)
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
 
 
 def instance_devices(config: mc.ModelConfig, cuda_count: int = 0) -> list[str]:
