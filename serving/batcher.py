@@ -69,6 +69,13 @@ class DynamicBatcher:
         self._delayed: deque[Pending] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._reaper: threading.Thread | None = None
+        if any(p.default_timeout_microseconds or p.allow_timeout_override
+               for p in self._policies.values()):
+            # Instances may all be busy; a queued request must still time out on time.
+            self._reaper = threading.Thread(target=self._reap, daemon=True,
+                                            name=f"{self._name}-queue-timeouts")
+            self._reaper.start()
 
     # --- producer side ---------------------------------------------------------------------
 
@@ -129,6 +136,12 @@ class DynamicBatcher:
                     return batch
                 times = [t for t in (wake, ready_at) if t]
                 self._wait(min(times) if times else 0, now)
+
+    def _reap(self) -> None:
+        with self._cond:
+            while not self._closed:
+                now = self._clock()
+                self._wait(self._expire(now), now)
 
     def _wait(self, until_ns: int, now: int) -> None:
         self._cond.wait(None if not until_ns else max(until_ns - now, 0) / 1e9)
