@@ -59,7 +59,7 @@ def parse_config(text: str) -> mc.ModelConfig:
 
 def write_model(repo: Path, name: str, config: str, files: dict[str, str | bytes],
                 version: int = 1) -> Path:
-    """Create `<repo>/<name>/config.pbtxt` and `<repo>/<name>/<version>/<file>`; return model dir."""
+    """Write `<repo>/<name>/config.pbtxt` and `<repo>/<name>/<version>/<file>`; return the dir."""
     model_dir = repo / name
     (model_dir / str(version)).mkdir(parents=True, exist_ok=True)
     (model_dir / "config.pbtxt").write_text(textwrap.dedent(config))

@@ -183,7 +183,7 @@ def test_instance_group_count_executes_concurrently(tmp_path, count):
     overlap = max(w[0] for w in windows) < min(w[1] for w in windows)
     assert overlap == (count == 3)
     if count == 1:  # one instance: strictly one after another
-        assert all(a[1] <= b[0] for a, b in zip(windows, windows[1:]))
+        assert all(a[1] <= b[0] for a, b in zip(windows, windows[1:], strict=False))
     backend.unload()
 
 

@@ -106,7 +106,8 @@ def test_diamond_dataflow_runs_independent_steps_concurrently(tmp_path):
 
 
 def test_step_error_names_the_step(tmp_path):
-    models = {"inc": _arith(tmp_path, "inc", "fail"), "double": _arith(tmp_path, "double", "double"),
+    models = {"inc": _arith(tmp_path, "inc", "fail"),
+              "double": _arith(tmp_path, "double", "double"),
               "add": _arith(tmp_path, "add", "add", two_inputs=True)}
     ens = _ensemble(DIAMOND, models)
     sink = CollectSink()
