@@ -184,6 +184,9 @@ class ScheduledBackend(Backend):
         """Instance thread: run batches until the scheduler is closed and drained."""
         assert self._scheduler is not None
         while (batch := self._scheduler.next_batch()) is not None:
+            started = time.monotonic_ns()
+            for queued in batch:  # the front's statistics split queue and compute time here
+                queued.request.compute_start_ns = started
             if self.recorder is not None:
                 self.recorder.record_execution(self.config.name, self.version,
                                                sum(p.batch_size for p in batch))
