@@ -45,3 +45,12 @@ def broadcast_object(obj: object, src: int, group: dist.ProcessGroup | None) -> 
     box = [obj]
     dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+def all_gather_object(obj: object, group: dist.ProcessGroup | None) -> list[object]:
+    """Every rank's `obj`, in rank order (control channel, CPU)."""
+    if group_size(group) == 1:
+        return [obj]
+    out: list[object] = [None] * group_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out

@@ -76,3 +76,4 @@ class Backend(ABC):
 
     def unload(self) -> None:
         """Release resources once in-flight requests have finished."""
+        return None

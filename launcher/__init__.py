@@ -1,0 +1,1 @@
+"""Rank discovery, process spawning, failure propagation and the `shardserve` CLI."""

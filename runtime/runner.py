@@ -1,0 +1,121 @@
+"""Executes step plans on one rank: its pipeline stage, its tp shard, its slice of the KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallel import ParallelContext
+from parallel.pipeline import recv_hidden, send_hidden
+from runtime.models.attention import AttentionBatch, KVCache
+from runtime.plan import SeqWork, StepPlan
+from runtime.sampler import Sampler
+
+StepResult = tuple[list[int], list[torch.Tensor | None]]
+
+
+def build_batch(seqs: list[SeqWork], block_size: int, device: torch.device
+                ) -> tuple[torch.Tensor, AttentionBatch]:
+    """Pad a micro-batch to (batch, max new tokens) and lay out its cache slots."""
+    width = max(len(s.tokens) for s in seqs)
+    max_blocks = max(len(s.block_table) for s in seqs)
+    tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+    positions = torch.zeros(len(seqs), width, dtype=torch.long)
+    slots = torch.full((len(seqs), width), -1, dtype=torch.long)
+    tables = torch.zeros(len(seqs), max_blocks, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        n = len(s.tokens)
+        table = torch.tensor(s.block_table, dtype=torch.long)
+        tables[i, : len(s.block_table)] = table
+        pos = torch.arange(s.start_pos, s.start_pos + n)
+        tokens[i, :n] = torch.tensor(s.tokens)
+        positions[i, :n] = pos
+        positions[i, n:] = s.start_pos + n - 1  # padding repeats the last position
+        slots[i, :n] = table[pos // block_size] * block_size + pos % block_size
+    batch = AttentionBatch(
+        positions=positions.to(device), slot_mapping=slots.to(device),
+        block_tables=tables.to(device),
+        last_index=torch.tensor([len(s.tokens) - 1 for s in seqs], device=device),
+        kv_len=max(s.start_pos + len(s.tokens) for s in seqs),
+        fresh=all(s.start_pos == 0 for s in seqs),
+    )
+    return tokens.to(device), batch
+
+
+class ModelRunner:
+    """Runs this rank's stage for each micro-batch of a plan; the last stage samples and the
+    sampled tokens (and logits when asked) come back to rank 0."""
+
+    def __init__(self, ctx: ParallelContext, model: nn.Module, caches: dict[int, KVCache],
+                 block_size: int, hidden_size: int, vocab_size: int) -> None:
+        self.ctx, self.model, self.caches = ctx, model, caches
+        self.block_size, self.hidden_size, self.vocab_size = block_size, hidden_size, vocab_size
+        self.sampler = Sampler() if ctx.rank == ctx.last_stage_leader else None
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult | None:
+        """Run one plan. Returns (tokens, logits) on rank 0, None elsewhere."""
+        if self.sampler is not None:
+            for rid in plan.finished:
+                self.sampler.forget(rid)
+        tokens: list[int] = []
+        logits: list[torch.Tensor | None] = []
+        pending: list[dist.Work] = []
+        for mb in plan.split():
+            out = self._run_microbatch(mb, pending)
+            if out is not None:
+                tokens += out[0]
+                logits += out[1]
+        for work in pending:
+            work.wait()
+        return self._return_to_driver(plan, tokens, logits)
+
+    def _run_microbatch(self, mb: list[SeqWork], pending: list[dist.Work]) -> StepResult | None:
+        ctx, dtype = self.ctx, self.model.dtype
+        ids, batch = build_batch(mb, self.block_size, ctx.device)
+        if ctx.is_first_stage:
+            x = self.model(ids, None, batch, self.caches)
+        else:
+            shape = (*ids.shape, self.hidden_size)
+            hidden = recv_hidden(shape, dtype, ctx.prev_stage_rank, ctx.device)
+            x = self.model(None, hidden, batch, self.caches)  # (batch, seq, hidden)
+        if not ctx.is_last_stage:
+            pending.append(send_hidden(x, ctx.next_stage_rank))
+            return None
+        last = x[torch.arange(len(mb), device=x.device), batch.last_index]  # (batch, hidden)
+        step_logits = self.model.compute_logits(last).float()  # (batch, vocab)
+        if self.sampler is None:
+            return None
+        for s in mb:
+            self.sampler.observe(s.request_id, s.tokens, s.start_pos)
+        sampled = self.sampler.sample(step_logits, [s.request_id for s in mb],
+                                      [s.params for s in mb])
+        kept = [row.cpu() if s.params.return_logits else None
+                for row, s in zip(step_logits, mb, strict=True)]
+        return sampled, kept
+
+    def _return_to_driver(self, plan: StepPlan, tokens: list[int],
+                          logits: list[torch.Tensor | None]) -> StepResult | None:
+        ctx = self.ctx
+        leader = ctx.last_stage_leader
+        if leader == 0:
+            return (tokens, logits) if ctx.is_driver else None
+        want = [i for i, s in enumerate(plan.seqs) if s.params.return_logits]
+        group = ctx.control_group
+        if ctx.rank == leader:
+            dist.send(torch.tensor(tokens, dtype=torch.long), 0, group=group)
+            if want:
+                dist.send(torch.stack([logits[i] for i in want]), 0, group=group)
+            return None
+        if not ctx.is_driver:
+            return None
+        got = torch.empty(len(plan.seqs), dtype=torch.long)
+        dist.recv(got, leader, group=group)
+        rows: list[torch.Tensor | None] = [None] * len(plan.seqs)
+        if want:
+            buf = torch.empty(len(want), self.vocab_size)
+            dist.recv(buf, leader, group=group)
+            for j, i in enumerate(want):
+                rows[i] = buf[j]
+        return got.tolist(), rows
