@@ -301,3 +301,34 @@ def check_graph(config: mc.ModelConfig) -> None:
         for step in runnable:
             available |= set(step.output_map.values())
             pending.remove(step)
+
+
+class _RoutedStep(Backend):
+    """A step model seen through the model manager: submits count in that model's statistics."""
+
+    def __init__(self, loaded: object, backend: Backend,
+                 submit: Callable[[object, InferRequest, ResponseSink], None]) -> None:
+        super().__init__(backend.config, backend.model_dir, backend.version)
+        self._loaded = loaded
+        self._submit = submit
+
+    def load(self) -> None:
+        """Already loaded by the manager."""
+
+    def submit(self, request: InferRequest, sink: ResponseSink) -> None:
+        self._submit(self._loaded, request, sink)
+
+
+class ManagerResolver:
+    """Resolves ensemble steps to the manager's currently served version at each request, so
+    reloading a step model takes effect in the ensemble without reloading the ensemble."""
+
+    def __init__(self, get: Callable[[str, str], tuple[object, object]],
+                 submit: Callable[[object, InferRequest, ResponseSink], None]) -> None:
+        self._get = get
+        self._submit = submit
+
+    def __call__(self, name: str, version: int) -> Backend:
+        _, loaded = self._get(name, str(version) if version > 0 else "")
+        backend: Backend = loaded.backend  # type: ignore[attr-defined]
+        return _RoutedStep(loaded, backend, self._submit)
