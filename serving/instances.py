@@ -3,7 +3,7 @@ thread with its own copy of the model, all pulling batches from one scheduler (t
 batcher, or Triton's default one-request-at-a-time scheduler).
 
 `ScheduledBackend` is the Backend base class the python, pytorch and onnxruntime backends share:
-it validates requests, queues them, runs the instance threads and records statistics.
+it validates requests, queues them, runs the instance threads and reports executions.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from serving.batcher import DynamicBatcher, Pending
-from serving.metrics import InferenceRecorder
+from serving.metrics import ExecutionRecorder
 from serving.tensor_config import (
     apply_reshape,
     batch_key,
@@ -92,30 +92,6 @@ def instance_devices(config: mc.ModelConfig, cuda_count: int = 0) -> list[str]:
     return devices
 
 
-class _RecordingSink:
-    """Passes responses through and reports the request to the recorder at its final one."""
-
-    def __init__(self, backend: ScheduledBackend, pending: Pending, sink: ResponseSink) -> None:
-        self._backend = backend
-        self._pending = pending
-        self._sink = sink
-        self._failed = False
-
-    def send(self, response: InferResponse | None, final: bool) -> None:
-        if response is not None and response.error is not None:
-            self._failed = True
-        self._sink.send(response, final)
-        recorder = self._backend.recorder
-        if final and recorder is not None:
-            p = self._pending
-            now = time.monotonic_ns()
-            dispatched = p.dispatch_ns or now
-            recorder.record_request(self._backend.config.name, self._backend.version,
-                                    not self._failed, now - p.enqueue_ns,
-                                    dispatched - p.enqueue_ns, now - dispatched,
-                                    p.batch_size, "BACKEND" if p.dispatch_ns else "REJECTED")
-
-
 class ScheduledBackend(Backend):
     """A backend whose requests go through a scheduler to `instance_group` instance threads."""
 
@@ -124,7 +100,7 @@ class ScheduledBackend(Backend):
 
     def __init__(self, config: mc.ModelConfig, model_dir: Path, version: int) -> None:
         super().__init__(config, model_dir, version)
-        self.recorder: InferenceRecorder | None = None
+        self.recorder: ExecutionRecorder | None = None
         self._scheduler: DynamicBatcher | None = None
         self._threads: list[threading.Thread] = []
         self._instances: list[ModelInstance] = []
@@ -171,7 +147,6 @@ class ScheduledBackend(Backend):
 
     def submit(self, request: InferRequest, sink: ResponseSink) -> None:
         pending = Pending(request, sink, enqueue_ns=time.monotonic_ns())
-        pending.sink = _RecordingSink(self, pending, sink)
         try:
             if self._scheduler is None:
                 raise ServingError("UNAVAILABLE", f"model '{self.config.name}' is not loaded")

@@ -11,10 +11,13 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
+
+from serving.types import InferRequest, InferResponse, ResponseSink, ServingError
 
 Labels = tuple[tuple[str, str], ...]
 Sample = tuple[str, Labels, float]
@@ -121,13 +124,15 @@ class MetricsRegistry:
     def render(self) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
         with self._lock:
-            families = list(self._families.values())
             collectors = list(self._collectors)
+        # collectors first: some refresh gauges held in families
+        collected = [row for collector in collectors for row in collector()]
+        with self._lock:
+            families = list(self._families.values())
         blocks: dict[str, tuple[str, str, list[Sample]]] = {
             f.name: (f.help, f.kind, f.samples()) for f in families}
-        for collector in collectors:
-            for name, help, kind, labels, value in collector():
-                blocks.setdefault(name, (help, kind, []))[2].append((name, labels, value))
+        for name, help, kind, labels, value in collected:
+            blocks.setdefault(name, (help, kind, []))[2].append((name, labels, value))
         lines: list[str] = []
         for name, (help, kind, samples) in blocks.items():
             lines.append(f"# HELP {name} {help}")
@@ -136,14 +141,21 @@ class MetricsRegistry:
         return "\n".join(lines) + "\n"
 
 
-class InferenceRecorder(Protocol):
-    """What schedulers report per request and per execution."""
-
-    def record_request(self, model: str, version: int, ok: bool, request_ns: int,
-                       queue_ns: int, compute_ns: int, batch_size: int = 1,
-                       reason: str = "") -> None: ...
+class ExecutionRecorder(Protocol):
+    """What schedulers report per model execution (a batch of `batch_size` rows)."""
 
     def record_execution(self, model: str, version: int, batch_size: int) -> None: ...
+
+
+def failure_reason(error: ServingError) -> str:
+    """Triton's `reason` label for a failed request."""
+    if error.status in ("UNAVAILABLE", "RESOURCE_EXHAUSTED"):
+        return "REJECTED"
+    if error.status == "CANCELLED":
+        return "CANCELED"
+    if error.status in ("INVALID_ARGUMENT", "NOT_FOUND", "UNIMPLEMENTED"):
+        return "OTHER"
+    return "BACKEND"
 
 
 class InferenceMetrics:
@@ -232,6 +244,103 @@ class LLMMetrics:
         total = stats.get("total_blocks", 0)
         if total:
             self.kv_usage.set(1.0 - stats.get("free_blocks", 0) / total, model=model)
+
+
+class MetricsSink:
+    """Wraps a request's sink: records the outcome at the final response and, for generative
+    models, TTFT, inter-token latency and token counts from the streamed responses."""
+
+    def __init__(self, inner: ResponseSink, request: InferRequest, model: str, version: int,
+                 batch_size: int, inference: InferenceMetrics,
+                 llm: LLMMetrics | None = None) -> None:
+        self._inner, self._request = inner, request
+        self._model, self._version, self._batch = model, version, batch_size
+        self._inference, self._llm = inference, llm
+        self._arrival = getattr(request, "arrival_ns", 0) or time.monotonic_ns()
+        self._last_token_ns = 0
+        self._error: ServingError | None = None
+
+    def send(self, response: InferResponse | None, final: bool) -> None:
+        now = time.monotonic_ns()
+        if response is not None and response.error is not None:
+            self._error = self._error or response.error
+        elif response is not None and self._llm is not None:
+            self._observe_tokens(response, now, final)
+        self._inner.send(response, final)
+        if final:
+            start = getattr(self._request, "compute_start_ns", 0) or self._arrival
+            ok = self._error is None
+            self._inference.record_request(
+                self._model, self._version, ok, now - self._arrival,
+                max(start - self._arrival, 0), now - start, self._batch,
+                "" if ok else failure_reason(self._error))
+
+    def _observe_tokens(self, response: InferResponse, now: int, final: bool) -> None:
+        llm, labels = self._llm, {"model": self._model}
+        assert llm is not None
+        ids = response.outputs.get("output_ids")
+        count = int(ids.size) if ids is not None else 0
+        if count and (not final or self._last_token_ns):  # streamed chunks only
+            if not self._last_token_ns:
+                llm.ttft.observe((now - self._arrival) / 1e9, **labels)
+            else:
+                gap = (now - self._last_token_ns) / 1e9 / count
+                for _ in range(count):
+                    llm.itl.observe(gap, **labels)
+            self._last_token_ns = now
+        if "completion_tokens" in response.parameters:
+            llm.generated.inc(int(response.parameters["completion_tokens"]), **labels)
+            llm.prompt.inc(int(response.parameters.get("prompt_tokens", 0)), **labels)
+
+
+class ServerMetrics:
+    """Everything one server exports: inference and LLM metrics, CPU and (if any) GPU gauges,
+    and scrape-time figures from the loaded backends."""
+
+    def __init__(self, cpu: bool = True, gpu: bool = True) -> None:
+        self.registry = MetricsRegistry()
+        self.inference = InferenceMetrics(self.registry)
+        self.llm = LLMMetrics(self.registry)
+        self._backends: dict[tuple[str, int], Any] = {}
+        self._lock = threading.Lock()
+        if cpu:
+            self.registry.add_collector(cpu_collector())
+        gpus = gpu_collector() if gpu else None
+        if gpus is not None:
+            self.registry.add_collector(gpus)
+        self.registry.add_collector(self._collect_backends)
+
+    def wrap(self, sink: ResponseSink, request: InferRequest, model: str, version: int,
+             max_batch_size: int, generative: bool) -> ResponseSink:
+        """The sink to hand the backend so this request is counted."""
+        batch = 1
+        if max_batch_size > 0 and request.inputs:
+            first = next(iter(request.inputs.values()))
+            batch = int(first.shape[0]) if first.ndim else 1
+        return MetricsSink(sink, request, model, version, batch, self.inference,
+                           self.llm if generative else None)
+
+    def track(self, model: str, version: int, backend: Any | None) -> None:
+        """Follow a loaded backend (None forgets it): executions, queue length, engine stats."""
+        with self._lock:
+            if backend is None:
+                self._backends.pop((model, version), None)
+                self.inference.track_pending(model, version, None)
+                return
+            self._backends[(model, version)] = backend
+        if hasattr(backend, "recorder"):
+            backend.recorder = self.inference
+        if hasattr(backend, "pending_count"):
+            self.inference.track_pending(model, version, backend.pending_count)
+
+    def _collect_backends(self) -> Iterable[tuple[str, str, str, Labels, float]]:
+        with self._lock:
+            backends = list(self._backends.items())
+        for (model, _), backend in backends:
+            stats = backend.stats() if hasattr(backend, "stats") else {}
+            if "total_blocks" in stats or "running" in stats:
+                self.llm.observe_engine(model, stats)
+        return ()
 
 
 def cpu_collector() -> Collector:

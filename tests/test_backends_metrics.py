@@ -11,13 +11,14 @@ import torch
 
 from serving.backends.python import PythonBackend
 from serving.metrics import (
-    InferenceMetrics,
     LLMMetrics,
     MetricsRegistry,
     MetricsServer,
+    ServerMetrics,
     cpu_collector,
     gpu_collector,
 )
+from serving.types import InferResponse
 from tests.backend_helpers import CollectSink, make_request, parse_config, write_model
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (-?[0-9.e+-]+|\+Inf|-Inf|NaN)$')
@@ -64,18 +65,17 @@ def test_backend_records_triton_metrics_and_http_serves_them(tmp_path):
     """
     backend = PythonBackend(parse_config(config),
                             write_model(tmp_path, "ident", config, {"model.py": IDENTITY}), 1)
-    registry = MetricsRegistry()
-    metrics = InferenceMetrics(registry)
-    backend.recorder = metrics
+    metrics = ServerMetrics(gpu=False)
     backend.load()
-    metrics.track_pending("ident", 1, backend.pending_count)
+    metrics.track("ident", 1, backend)
     sinks = []
     for value in (1, 1, 1, -1):
         sinks.append(CollectSink())
-        backend.submit(make_request("ident", X=np.full((1, 2), value, np.float32)), sinks[-1])
+        request = make_request("ident", X=np.full((1, 2), value, np.float32))
+        backend.submit(request, metrics.wrap(sinks[-1], request, "ident", 1, 8, False))
     for sink in sinks:
         sink.wait()
-    server = MetricsServer(registry, port=0).start()
+    server = MetricsServer(metrics.registry, port=0).start()
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics") as reply:
             assert reply.headers["Content-Type"].startswith("text/plain")
@@ -95,7 +95,7 @@ def test_backend_records_triton_metrics_and_http_serves_them(tmp_path):
             >= values["nv_inference_compute_infer_duration_us" + labels])
 
 
-def test_rejected_requests_count_as_failures(tmp_path):
+def test_invalid_requests_count_as_failures(tmp_path):
     config = """
     name: "ident"
     backend: "python"
@@ -104,15 +104,46 @@ def test_rejected_requests_count_as_failures(tmp_path):
     """
     backend = PythonBackend(parse_config(config),
                             write_model(tmp_path, "ident", config, {"model.py": IDENTITY}), 1)
-    metrics = InferenceMetrics(MetricsRegistry())
-    backend.recorder = metrics
+    metrics = ServerMetrics(cpu=False, gpu=False)
     backend.load()
+    metrics.track("ident", 1, backend)
     sink = CollectSink()
-    backend.submit(make_request("ident", X=np.ones(3, np.float32)), sink)
+    request = make_request("ident", X=np.ones(3, np.float32))
+    backend.submit(request, metrics.wrap(sink, request, "ident", 1, 0, False))
     assert sink.error().status == "INVALID_ARGUMENT"
     backend.unload()
-    assert metrics.failure.get(model="ident", version="1", reason="REJECTED") == 1
-    assert metrics.success.get(model="ident", version="1") == 0
+    inference = metrics.inference
+    assert inference.failure.get(model="ident", version="1", reason="OTHER") == 1
+    assert inference.success.get(model="ident", version="1") == 0
+    assert inference.exec_count.get(model="ident", version="1") == 0
+
+
+class _FakeEngineBackend:
+    """Stands in for the LLM backend's scrape-time figures."""
+
+    def stats(self) -> dict:
+        return {"running": 3, "waiting": 2, "free_blocks": 30, "total_blocks": 40}
+
+
+def test_streamed_tokens_give_ttft_itl_and_counts():
+    metrics = ServerMetrics(cpu=False, gpu=False)
+    metrics.track("llm", 1, _FakeEngineBackend())
+    request = make_request("llm", text_input=np.array([b"hi"], object))
+    sink = CollectSink()
+    wrapped = metrics.wrap(sink, request, "llm", 1, 0, True)
+    for chunk in ([5], [6, 7], [8]):
+        wrapped.send(InferResponse({"output_ids": np.array(chunk, np.int32)}), False)
+    wrapped.send(InferResponse({"output_ids": np.array([], np.int32)},
+                               parameters={"completion_tokens": 4, "prompt_tokens": 2}), True)
+    assert len(sink.wait()) == 4
+    values = parse(metrics.registry.render())
+    assert values['nv_llm_time_to_first_token_seconds_count{model="llm"}'] == 1
+    assert values['nv_llm_inter_token_latency_seconds_count{model="llm"}'] == 3
+    assert values['nv_llm_generation_tokens_total{model="llm"}'] == 4
+    assert values['nv_llm_prompt_tokens_total{model="llm"}'] == 2
+    assert values['nv_llm_num_requests_running{model="llm"}'] == 3
+    assert values['nv_llm_kv_cache_usage_ratio{model="llm"}'] == 0.25
+    assert values['nv_inference_request_success{model="llm",version="1"}'] == 1
 
 
 def test_llm_histograms_and_engine_gauges():
