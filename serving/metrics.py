@@ -54,7 +54,10 @@ class Family:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def inc(self, amount: float = 1.0, **labels: Any) -> None:
-        key = _labels(**labels)
+        self.inc_key(_labels(**labels), amount)
+
+    def inc_key(self, key: Labels, amount: float = 1.0) -> None:
+        """`inc` with labels already built (hot paths build them once)."""
         with self.lock:
             self.values[key] = self.values.get(key, 0.0) + amount
 
@@ -177,6 +180,7 @@ class InferenceMetrics:
                                   "Cumulative inference queuing duration in microseconds")
         self.compute_us = r.counter("nv_inference_compute_infer_duration_us",
                                     "Cumulative compute inference duration in microseconds")
+        self._keys: dict[tuple[str, int], Labels] = {}
         self._pending: dict[Labels, Callable[[], int]] = {}
         self._lock = threading.Lock()
         r.add_collector(self._collect_pending)
@@ -184,18 +188,24 @@ class InferenceMetrics:
     def record_request(self, model: str, version: int, ok: bool, request_ns: int,
                        queue_ns: int, compute_ns: int, batch_size: int = 1,
                        reason: str = "") -> None:
-        labels = {"model": model, "version": str(version)}
+        key = self._key(model, version)
         if ok:
-            self.success.inc(**labels)
-            self.count.inc(batch_size, **labels)
+            self.success.inc_key(key)
+            self.count.inc_key(key, batch_size)
         else:
-            self.failure.inc(reason=reason or "BACKEND", **labels)
-        self.request_us.inc(request_ns // 1000, **labels)
-        self.queue_us.inc(queue_ns // 1000, **labels)
-        self.compute_us.inc(compute_ns // 1000, **labels)
+            self.failure.inc(reason=reason or "BACKEND", model=model, version=str(version))
+        self.request_us.inc_key(key, request_ns // 1000)
+        self.queue_us.inc_key(key, queue_ns // 1000)
+        self.compute_us.inc_key(key, compute_ns // 1000)
+
+    def _key(self, model: str, version: int) -> Labels:
+        key = self._keys.get((model, version))
+        if key is None:
+            key = self._keys[(model, version)] = _labels(model=model, version=str(version))
+        return key
 
     def record_execution(self, model: str, version: int, batch_size: int) -> None:
-        self.exec_count.inc(model=model, version=str(version))
+        self.exec_count.inc_key(self._key(model, version))
 
     def track_pending(self, model: str, version: int, count: Callable[[], int] | None) -> None:
         """Report a scheduler's queue length at each scrape (None stops reporting it)."""
