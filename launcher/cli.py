@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from launcher import generate_cmd, launch
 from launcher.errors import CommandError
+from sharding import cli as sharding_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (generate_cmd, launch):
+    for module in (generate_cmd, launch, sharding_cli):
         module.add_commands(sub)
     return parser
 
