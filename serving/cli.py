@@ -17,8 +17,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-repository", required=True, type=Path, metavar="DIR")
     p.add_argument("--grpc-port", type=int, default=8001, help="0 picks a free port")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--model-control-mode", choices=["none", "explicit"], default="none",
-                   help="none: load every model at start; explicit: load through the API")
+    p.add_argument("--model-control-mode", choices=["none", "explicit", "poll"], default="none",
+                   help="none: load every model at start; explicit: load through the API; "
+                   "poll: load at start, then follow repository changes")
+    p.add_argument("--repository-poll-secs", type=float, default=15.0, metavar="S",
+                   help="poll mode: seconds between repository checks")
+    p.add_argument("--metrics-port", type=int, default=8002,
+                   help="Prometheus metrics port (0 picks a free port)")
+    p.add_argument("--no-metrics", dest="allow_metrics", action="store_false",
+                   help="do not serve Prometheus metrics")
     p.add_argument("--load-model", action="append", default=[], metavar="NAME",
                    help="explicit mode: load NAME at start ('*' for all); repeatable")
     p.add_argument("--workers", type=int, default=64, help="request-handling threads")
@@ -47,11 +54,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from serving.manager import ModelManager
+    from serving.metrics import ServerMetrics
     from serving.repository import ModelRepository
     from serving.server import serve
 
+    metrics = ServerMetrics() if args.allow_metrics else None
     try:
-        manager = ModelManager(ModelRepository(args.model_repository), args.model_control_mode)
+        manager = ModelManager(ModelRepository(args.model_repository), args.model_control_mode,
+                               metrics=metrics)
     except ServingError as e:
         raise CommandError(e.message) from None
     explicit = args.model_control_mode == "explicit"
@@ -60,7 +70,9 @@ def run_serve(args: argparse.Namespace) -> int:
         manager.load_startup(startup)
         return 0
     return asyncio.run(serve(manager, args.host, args.grpc_port, startup, args.workers,
-                             args.max_message_bytes, args.exit_on_error))
+                             args.max_message_bytes, args.exit_on_error,
+                             metrics_port=args.metrics_port if metrics else None,
+                             poll_secs=args.repository_poll_secs))
 
 
 def _launched_worker() -> bool:

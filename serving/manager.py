@@ -14,6 +14,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
 from serving.backends import create_model
+from serving.ensemble import ManagerResolver
+from serving.metrics import ServerMetrics
 from serving.repository import ModelRepository, select_versions
 from serving.types import Backend, InferRequest, InferResponse, ResponseSink, ServingError
 
@@ -66,6 +68,11 @@ class LoadedVersion:
     version: int
     backend: Backend
     stats: VersionStats = field(default_factory=VersionStats)
+    # submits in progress and whether the version was replaced: a retired version takes no
+    # new request (they go to the version now serving), so reloads lose no request
+    active: int = 0
+    retired: bool = False
+    cond: threading.Condition = field(default_factory=threading.Condition)
 
 
 @dataclass
@@ -99,12 +106,15 @@ class ModelManager:
     """Every model of one repository and its loaded versions."""
 
     def __init__(self, repository: ModelRepository, control_mode: str = "none",
-                 factory: Factory = create_model) -> None:
-        if control_mode not in ("none", "explicit"):
-            raise ValueError(f"model control mode {control_mode!r}: choose none or explicit")
+                 factory: Factory | None = None, metrics: ServerMetrics | None = None) -> None:
+        if control_mode not in ("none", "explicit", "poll"):
+            raise ValueError(f"model control mode {control_mode!r}: choose none, explicit or "
+                             "poll")
         self.repository = repository
         self.control_mode = control_mode
-        self.factory = factory
+        resolver = ManagerResolver(self.get, self.submit)
+        self.factory: Factory = factory or (lambda c, d, v: create_model(c, d, v, resolver))
+        self.metrics = metrics
         self._models: dict[str, ModelState] = {}
         self._lock = threading.Lock()
 
@@ -151,6 +161,8 @@ class ModelManager:
                 backend = self.factory(cfg, model_dir, v)
                 backend.load()
                 loaded[v] = LoadedVersion(v, backend)
+                if self.metrics is not None:
+                    self.metrics.track(name, v, backend)
         except BaseException:
             self._retire(list(loaded.values()))
             raise
@@ -158,6 +170,11 @@ class ModelManager:
 
     def _retire(self, versions: list[LoadedVersion]) -> None:
         for lv in versions:
+            with lv.cond:  # no submit may reach the backend once it starts unloading
+                lv.retired = True
+                lv.cond.wait_for(lambda lv=lv: lv.active == 0)
+            if self.metrics is not None and lv.backend.config.name:
+                self.metrics.track(lv.backend.config.name, lv.version, None)
             try:
                 lv.backend.unload()
             except Exception:
@@ -177,12 +194,23 @@ class ModelManager:
     def load_startup(self, names: list[str] | None) -> list[str]:
         """Load the startup models (all of them for control mode none); return failures."""
         failed = []
-        for name in self.repository.names() if names is None else names:
+        for name in self._dependency_order(self.repository.names() if names is None else names):
             try:
                 self.load(name)
             except ServingError as e:
                 failed.append(f"{name}: {e.message}")
         return failed
+
+    def _dependency_order(self, names: list[str]) -> list[str]:
+        """Ensembles after the models their steps use (so that they resolve at load)."""
+        def is_ensemble(name: str) -> bool:
+            try:
+                return self.repository.config(name).platform == "ensemble"
+            except ServingError:
+                return False
+
+        flags = {name: is_ensemble(name) for name in names}
+        return [n for n in names if not flags[n]] + [n for n in names if flags[n]]
 
     def close(self) -> None:
         with self._lock:
@@ -211,8 +239,42 @@ class ModelManager:
                                f"loaded: {sorted(versions)}")
         return st, versions[int(version)]
 
+    def _enter(self, lv: LoadedVersion, request: InferRequest) -> LoadedVersion:
+        """Count a submit on `lv`, or on the version now serving if `lv` was replaced."""
+        while True:
+            with lv.cond:
+                if not lv.retired:
+                    lv.active += 1
+                    return lv
+            st, current = self.get(request.model_name, "")
+            if lv.version in st.versions:
+                current = st.versions[lv.version]
+            request.model_version = str(current.version)
+            lv = current
+
+    def _exit(self, lv: LoadedVersion) -> None:
+        with lv.cond:
+            lv.active -= 1
+            lv.cond.notify_all()
+
     def submit(self, lv: LoadedVersion, request: InferRequest, sink: ResponseSink) -> None:
         """Hand a request to a backend; its outcome lands in the version's statistics."""
+        try:
+            lv = self._enter(lv, request)
+        except ServingError as e:
+            sink.send(InferResponse(error=e), True)
+            return
+        try:
+            self._submit(lv, request, sink)
+        finally:
+            self._exit(lv)
+
+    def _submit(self, lv: LoadedVersion, request: InferRequest, sink: ResponseSink) -> None:
+        cfg = lv.backend.config
+        if self.metrics is not None:
+            generative = cfg.model_transaction_policy.decoupled or cfg.backend == "shardserve_llm"
+            sink = self.metrics.wrap(sink, request, cfg.name, lv.version, cfg.max_batch_size,
+                                     generative)
         stats_sink = StatsSink(sink, request, lv.stats)
         try:
             lv.backend.submit(request, stats_sink)

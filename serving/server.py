@@ -291,9 +291,50 @@ async def _watch(manager: ModelManager, stop: asyncio.Event, period_s: float = 1
     return None
 
 
+class _Extras:
+    """The Prometheus endpoint and, in poll mode, the repository poller."""
+
+    def __init__(self, manager: ModelManager, host: str, metrics_port: int | None,
+                 poll_secs: float) -> None:
+        self.manager, self.host = manager, host
+        self.metrics_port, self.poll_secs = metrics_port, poll_secs
+        self.metrics_server: Any = None
+        self.poller: Any = None
+
+    def start_metrics(self) -> None:
+        if self.manager.metrics is None or self.metrics_port is None:
+            return
+        from serving.metrics import MetricsServer
+
+        try:
+            self.metrics_server = MetricsServer(self.manager.metrics.registry, self.host,
+                                                self.metrics_port).start()
+        except OSError as e:  # e.g. the port is taken: serve inference anyway
+            log.error("metrics disabled: cannot listen on %s:%d: %s", self.host,
+                      self.metrics_port, e)
+            return
+        log.info("metrics on http://%s:%d/metrics", self.host, self.metrics_server.port)
+
+    def start_poller(self) -> None:
+        if self.manager.control_mode != "poll":
+            return
+        from serving.poll import RepositoryPoller
+
+        self.poller = RepositoryPoller(self.manager, self.poll_secs)
+        self.poller.mark_loaded()
+        self.poller.start()
+
+    def stop(self) -> None:
+        if self.poller is not None:
+            self.poller.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+
+
 async def serve(manager: ModelManager, host: str, port: int, startup: list[str] | None,
                 workers: int = 64, max_message_bytes: int = 64 * 2**20,
-                exit_on_error: bool = True) -> int:
+                exit_on_error: bool = True, metrics_port: int | None = None,
+                poll_secs: float = 15.0) -> int:
     """Serve until SIGINT/SIGTERM (0) or a fatal model failure (1). Health answers while the
     startup models load; the "ready" line is logged once they have."""
     import signal
@@ -313,13 +354,16 @@ async def serve(manager: ModelManager, host: str, port: int, startup: list[str] 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     code = 0
+    extras = _Extras(manager, host, metrics_port, poll_secs)
     try:
+        extras.start_metrics()
         failed = await loop.run_in_executor(pool, manager.load_startup, startup)
         for line in failed:
             log.error("startup load failed: %s", line)
         if failed and exit_on_error:
             return 1
         servicer.started = True
+        extras.start_poller()
         names = [m.name for m in manager.index(ready_only=True)]
         log.info("shardserve ready: gRPC on %s:%d, models %s", host, bound, sorted(set(names)))
         why = await _watch(manager, stop)
@@ -327,6 +371,7 @@ async def serve(manager: ModelManager, host: str, port: int, startup: list[str] 
             log.error("fatal: %s; shutting down", why)
             code = 1
     finally:
+        extras.stop()
         await server.stop(grace=2.0)
         await loop.run_in_executor(pool, manager.close)
         pool.shutdown(wait=False, cancel_futures=True)

@@ -151,7 +151,6 @@ def test_request_holding_a_replaced_version_goes_to_the_new_one(tmp_path: Path) 
     """The race a reload opens: a request looked up the old version just before the swap."""
     from serving.manager import ModelManager
     from serving.repository import ModelRepository
-
     from serving.types import InferRequest
     from tests.backend_helpers import CollectSink
 

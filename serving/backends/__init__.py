@@ -8,6 +8,7 @@ onnxruntime. Add a backend by adding one entry.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
@@ -17,6 +18,10 @@ from serving.types import Backend, ServingError
 
 BACKENDS: dict[str, type[Backend] | str] = {
     "shardserve_llm": "serving.backends.llm:LLMBackend",
+    "python": "serving.backends.python:PythonBackend",
+    "pytorch": "serving.backends.pytorch:PytorchBackend",
+    "onnxruntime": "serving.backends.onnx:OnnxBackend",
+    "ensemble": "serving.ensemble:EnsembleBackend",
 }
 
 
@@ -35,6 +40,11 @@ def backend_class(name: str, registry: dict[str, type[Backend] | str] | None = N
     return entry
 
 
-def create_model(config: mc.ModelConfig, model_dir: Path, version: int) -> Backend:
-    """An unloaded Backend for one version of one model."""
-    return backend_class(backend_name(config))(config, model_dir, version)
+def create_model(config: mc.ModelConfig, model_dir: Path, version: int,
+                 resolve: Callable[[str, int], Backend] | None = None) -> Backend:
+    """An unloaded Backend for one version of one model; `resolve` finds an ensemble's step
+    models ((name, version or -1) -> Backend)."""
+    cls = backend_class(backend_name(config))
+    if backend_name(config) == "ensemble":
+        return cls(config, model_dir, version, resolve)  # type: ignore[call-arg]
+    return cls(config, model_dir, version)
