@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import socket
 import threading
 import time
@@ -18,7 +19,7 @@ from parallel import ParallelContext, init_parallel
 from runtime.engine import LLMEngine
 from runtime.worker import EngineSpec, RankStartupError, check_layout, run_rank
 
-__all__ = ["EngineSpec", "LocalEngine", "device_for", "start_local_engine"]
+__all__ = ["EngineSpec", "LocalEngine", "device_for", "start_local_engine", "start_parent_watch"]
 
 
 def free_port() -> int:
@@ -40,12 +41,18 @@ def _threads_per_rank(world: int) -> int:
     return max(1, (os.cpu_count() or 1) // world)
 
 
-def _watch_parent(parent_pid: int) -> None:
-    """Exit when the spawning rank 0 is gone (its death must not leave workers behind)."""
+def watch_parent(parent_pid: int, period_s: float = 0.5) -> None:
+    """Exit when the process that spawned this one is gone (its death must not leave ranks
+    behind); run it in a daemon thread."""
     while True:
         if os.getppid() != parent_pid:
             os._exit(3)
-        time.sleep(0.5)
+        time.sleep(period_s)
+
+
+def start_parent_watch(parent_pid: int) -> None:
+    threading.Thread(target=watch_parent, args=(parent_pid,), name="parent-watch",
+                     daemon=True).start()
 
 
 def _join(spec: EngineSpec, rank: int, port: int) -> ParallelContext:
@@ -58,7 +65,9 @@ def _join(spec: EngineSpec, rank: int, port: int) -> ParallelContext:
 
 
 def _worker_main(rank: int, spec: EngineSpec, port: int, parent_pid: int) -> None:
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    # Ctrl-C reaches the whole process group; rank 0's owner shuts the workers down
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    start_parent_watch(parent_pid)
     torch.set_num_threads(_threads_per_rank(spec.tp * spec.pp))
     try:
         ctx = _join(spec, rank, port)
@@ -81,6 +90,14 @@ class LocalEngine:
     def dead_workers(self) -> list[tuple[int, int | None]]:
         """(rank, exit code) of every worker that has exited."""
         return [(i + 1, p.exitcode) for i, p in enumerate(self.workers) if not p.is_alive()]
+
+    def kill(self) -> None:
+        """Kill every worker still running (the model is broken; no polite shutdown)."""
+        for p in self.workers:
+            if p.is_alive():
+                p.kill()
+        for p in self.workers:
+            p.join(5.0)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the workers (politely, then by force) and leave the process group."""

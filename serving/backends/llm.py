@@ -1,19 +1,19 @@
 """The giant-model backend: a tp x pp model driven by the continuous-batching engine.
 
-One thread owns the engine (it is not thread-safe): it drains a queue of new requests, checks
-for cancelled ones, calls `engine.step()` and routes each token to its request's sink,
-detokenizing incrementally. When idle it still steps about twice a second so the worker ranks
-keep their heartbeat.
+The engine runs behind an `EngineClient` (runtime/engine_client.py): on one machine in an engine
+process of its own per loaded version (rank 0 of that model's world, launcher/engine_process.py),
+so several giant models and reloads coexist; under torchrun/mpirun/Slurm in a thread of this
+process (rank 0 of the launched world). Either way one router thread here receives a batch of
+tokens per engine step and routes each token to its request's sink, detokenizing incrementally
+and cutting at stop words; it also aborts requests whose clients cancelled.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from runtime.engine import EngineFull, LLMEngine
+from runtime.engine_client import EngineClient, EngineStopped, StepBatch
 from runtime.tokenizer import Detokenizer
 from runtime.types import EngineConfig
 from serving.backends.llm_io import GenerationJob, StopText, parse_job
@@ -29,7 +29,9 @@ from serving.config import int_param, param
 from serving.types import Backend, InferRequest, InferResponse, ResponseSink, ServingError
 
 log = logging.getLogger(__name__)
-IDLE_STEP_S = 0.5
+RECV_WAIT_S = 0.25  # the router wakes at least this often to look for cancelled requests
+DRAIN_S = 30.0  # unload: how long in-flight requests may take to finish
+ENGINE_MODES = ("process", "thread")
 DTYPES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
 
 
@@ -43,6 +45,7 @@ class LLMSettings:
     dtype: str | None
     engine: EngineConfig
     dist_backend: str = "auto"
+    engine_mode: str = "process"  # "process": an engine process; "thread": rank 0 in the server
 
     @classmethod
     def from_config(cls, config: mc.ModelConfig, version_dir: Path) -> LLMSettings:
@@ -60,6 +63,10 @@ class LLMSettings:
         if backend not in ("auto", "gloo", "nccl"):
             raise ServingError("INVALID_ARGUMENT", f"model '{name}': parameter 'dist_backend' "
                                f"must be auto, gloo or nccl, got {backend!r}")
+        mode = param(config, "engine_mode", "process")
+        if mode not in ENGINE_MODES:
+            raise ServingError("INVALID_ARGUMENT", f"model '{name}': parameter 'engine_mode' "
+                               f"must be one of {ENGINE_MODES}, got {mode!r}")
         d = EngineConfig()
         engine = EngineConfig(
             block_size=int_param(config, "block_size", d.block_size, 1),
@@ -72,7 +79,7 @@ class LLMSettings:
             max_waiting=int_param(config, "max_waiting", d.max_waiting, 1),
         )
         return cls(model, int_param(config, "tp", 1, 1), int_param(config, "pp", 1, 1), dtype,
-                   engine, backend)
+                   engine, backend, mode)
 
 
 @dataclass
@@ -117,210 +124,226 @@ def _error(status: str, message: str) -> InferResponse:
     return InferResponse(error=ServingError(status, message))
 
 
-class EngineDriver:
-    """The one thread that owns an LLMEngine."""
+class TokenRouter:
+    """Requests in flight on one engine: submits register them and send `add`; one router
+    thread receives the engine's step batches and answers each request's sink."""
 
-    def __init__(self, engine: LLMEngine, name: str,
-                 dead_ranks: Callable[[], list[Any]] = list) -> None:
-        self.engine, self.name, self.dead_ranks = engine, name, dead_ranks
-        self.commands: queue.Queue = queue.Queue()
-        self.failure: str | None = None
-        self.stats: dict[str, Any] = engine.stats()
+    def __init__(self, client: EngineClient, name: str) -> None:
+        self.client, self.name = client, name
+        self.stats: dict[str, Any] = dict(client.info.stats)
+        self.failure: str | None = None  # why the engine died
         self._live: dict[str, _Live] = {}
+        self._cancelled: dict[str, tuple[str, int]] = {}  # rid -> (request id, tokens sent)
         self._ids = itertools.count()
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
-
-    def start(self) -> None:
+        self._cond = threading.Condition()
+        self._ended: str | None = None  # set once: no request is taken after it
+        self._thread = threading.Thread(target=self._run, name=f"router-{name}", daemon=True)
         self._thread.start()
 
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.failure is None
+        return self._ended is None and self._thread.is_alive()
 
-    def add(self, job: GenerationJob, request: InferRequest, sink: ResponseSink) -> None:
-        self.commands.put((job, request, sink))
-
-    def stop(self, drain_s: float = 30.0) -> None:
-        """Let in-flight requests finish (up to drain_s), then end the thread."""
-        self._stopping.set()
-        self.commands.put(None)
-        self._thread.join(drain_s + 5.0)
-
-    # --- the engine thread ------------------------------------------------------------------
-    def _run(self) -> None:
-        try:
-            deadline = None
-            while True:
-                if self._stopping.is_set():
-                    deadline = deadline or time.monotonic() + 30.0
-                    if not self._live or time.monotonic() > deadline:
-                        break
-                self._drain(block=not self._live and not self.engine.has_unfinished())
-                self._reap_cancelled()
-                outputs = self.engine.step()
-                self.stats = self.engine.stats()
-                for out in outputs:
-                    self._route(out.request_id, out.token_id, out.finished, out.finish_reason)
-                dead = self.dead_ranks()
-                if dead:
-                    raise RuntimeError(f"worker rank(s) exited: {dead}")
-        except Exception as e:
-            self.failure = f"engine failed: {type(e).__name__}: {e}"
-            log.exception("model %s: engine thread failed", self.name)
-        finally:
-            why = self.failure or f"model '{self.name}' was unloaded"
-            self._fail_all("UNAVAILABLE", why)
-
-    def _drain(self, block: bool) -> None:
-        try:
-            first = self.commands.get(timeout=IDLE_STEP_S) if block else self.commands.get_nowait()
-        except queue.Empty:
-            return
-        batch = [first]
-        while True:
-            try:
-                batch.append(self.commands.get_nowait())
-            except queue.Empty:
-                break
-        for cmd in batch:
-            if cmd is not None:
-                self._admit(*cmd)
-
-    def _admit(self, job: GenerationJob, request: InferRequest, sink: ResponseSink) -> None:
-        if self._stopping.is_set():
-            sink.send(_error("UNAVAILABLE", f"model '{self.name}' is being unloaded"), True)
-            return
+    def submit(self, job: GenerationJob, request: InferRequest, sink: ResponseSink) -> None:
         if request.cancelled.is_set():
             sink.send(_error("CANCELLED", "the request was cancelled"), True)
             return
-        rid = str(next(self._ids))
-        try:
-            self.engine.add_request(rid, job.prompt_ids, job.params)
-        except EngineFull as e:
-            sink.send(_error("RESOURCE_EXHAUSTED", f"model '{self.name}' is overloaded: {e}"),
-                      True)
-            return
-        except ValueError as e:
-            sink.send(_error("INVALID_ARGUMENT", str(e)), True)
-            return
+        tok = self.client.tokenizer
+        live = _Live(request, sink, job, Detokenizer(tok) if tok else None,
+                     StopText(job.stop_words))
+        with self._cond:
+            if self._ended is not None:
+                raise ServingError("UNAVAILABLE", self._ended)
+            rid = str(next(self._ids))
+            self._live[rid] = live
         request.compute_start_ns = time.monotonic_ns()
-        tok = self.engine.tokenizer
-        self._live[rid] = _Live(request, sink, job, Detokenizer(tok) if tok else None,
-                                StopText(job.stop_words))
+        self.client.add(rid, job.prompt_ids, job.params)
 
-    def _reap_cancelled(self) -> None:
-        for rid in [r for r, lv in self._live.items() if lv.request.cancelled.is_set()]:
-            live = self._live.pop(rid)
-            self.engine.abort_request(rid)
-            s = self.engine.stats()
-            log.info("model %s: request %r cancelled after %d tokens; KV blocks free %d/%d",
-                     self.name, live.request.id, len(live.ids), s["free_blocks"],
-                     s["total_blocks"])
-            live.sink.send(_error("CANCELLED", "the request was cancelled"), True)
+    def close(self, drain_s: float = DRAIN_S) -> None:
+        """Refuse new requests, let in-flight ones finish (up to drain_s), stop the engine."""
+        with self._cond:
+            if self._ended is None:
+                self._ended = f"model '{self.name}' is being unloaded"
+            self._cond.wait_for(lambda: not self._live or not self._thread.is_alive(), drain_s)
+        if self._thread.is_alive():
+            self.client.shutdown()
+            self._thread.join(drain_s)
+        self.client.close()
+        self._fail_all(f"model '{self.name}' was unloaded")
 
-    def _route(self, rid: str, token: int | None, finished: bool, reason: str | None) -> None:
-        live = self._live.get(rid)
-        if live is None:
-            return
+    # --- the router thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                for batch in self.client.recv(RECV_WAIT_S):
+                    self._apply(batch)
+                self._reap_cancelled()
+        except EngineStopped as e:
+            for batch in e.batches:
+                self._apply(batch)
+            if e.failed:
+                self.failure = e.message
+                log.error("model %s: engine failed: %s", self.name, e.message)
+                self._fail_all(f"model '{self.name}' is not available: {e.message}")
+            else:
+                self._fail_all(f"model '{self.name}' was unloaded")
+        except Exception as e:  # a bug here must not leave requests waiting forever
+            self.failure = f"{type(e).__name__}: {e}"
+            log.exception("model %s: router failed", self.name)
+            self._fail_all(f"model '{self.name}' is not available: {self.failure}")
+
+    def _apply(self, batch: StepBatch) -> None:
+        self.stats = batch.stats
+        for rid, status, message in batch.rejects:
+            live = self._pop(rid)
+            if live is not None:
+                live.sink.send(_error(status, message), True)
+        for rid, token, finished, reason in batch.tokens:
+            if rid in self._cancelled and finished:
+                self._log_cancel(rid)
+                continue
+            live = self._live.get(rid)
+            if live is not None:
+                self._route(rid, live, token, finished, reason)
+
+    def _route(self, rid: str, live: _Live, token: int | None, finished: bool,
+               reason: str | None) -> None:
         if token is not None:
             live.add(token)
         if live.stop.stopped and not finished:
-            self.engine.abort_request(rid)
+            self.client.abort(rid)
             finished, reason = True, "stop"
         if finished:
-            del self._live[rid]
+            self._pop(rid)
             self._finish(live, reason or "stop")
-            return
-        if live.job.stream:
+        elif live.job.stream:
             resp = live.response(False, {})
             if resp is not None:
                 live.sink.send(resp, False)
 
     def _finish(self, live: _Live, reason: str) -> None:
-        if reason == "error":
-            live.sink.send(_error("INTERNAL", "generation failed"), True)
+        if reason in ("error", "abort"):
+            live.sink.send(_error("INTERNAL", f"generation ended: {reason}"), True)
             return
-        s = self.engine.stats()
+        s = self.stats
         extra = {"finish_reason": reason, "prompt_tokens": len(live.job.prompt_ids),
-                 "completion_tokens": len(live.ids), "kv_free_blocks": s["free_blocks"],
-                 "kv_total_blocks": s["total_blocks"], "preemptions": s["preemptions"]}
+                 "completion_tokens": len(live.ids), "kv_free_blocks": s.get("free_blocks", 0),
+                 "kv_total_blocks": s.get("total_blocks", 0),
+                 "preemptions": s.get("preemptions", 0)}
         live.sink.send(live.response(True, extra), True)
 
-    def _fail_all(self, status: str, message: str) -> None:
-        for live in self._live.values():
-            live.sink.send(_error(status, message), True)
-        self._live.clear()
-        while True:
-            try:
-                cmd = self.commands.get_nowait()
-            except queue.Empty:
-                return
-            if cmd is not None:
-                cmd[2].send(_error(status, message), True)
+    def _pop(self, rid: str) -> _Live | None:
+        with self._cond:
+            live = self._live.pop(rid, None)
+            if not self._live:
+                self._cond.notify_all()
+        return live
+
+    def _reap_cancelled(self) -> None:
+        for rid in [r for r, lv in list(self._live.items()) if lv.request.cancelled.is_set()]:
+            live = self._pop(rid)
+            if live is None:
+                continue
+            self.client.abort(rid)
+            self._cancelled[rid] = (live.request.id, len(live.ids))
+            live.sink.send(_error("CANCELLED", "the request was cancelled"), True)
+
+    def _log_cancel(self, rid: str) -> None:
+        request_id, n = self._cancelled.pop(rid)
+        s = self.stats
+        log.info("model %s: request %r cancelled after %d tokens; KV blocks free %d/%d",
+                 self.name, request_id, n, s.get("free_blocks", 0), s.get("total_blocks", 0))
+
+    def _fail_all(self, message: str) -> None:
+        with self._cond:
+            if self._ended is None or self.failure is not None:
+                self._ended = message
+            live, self._live = list(self._live.values()), {}
+            self._cond.notify_all()
+        for lv in live:
+            lv.sink.send(_error("UNAVAILABLE", message), True)
 
 
 class LLMBackend(Backend):
-    """A giant model: its ranks on this machine, rank 0's engine in this process."""
+    """A giant model: its engine (rank 0) behind an EngineClient, its ranks on this machine or
+    in the world an external launcher started."""
 
     def __init__(self, config: mc.ModelConfig, model_dir: Path, version: int) -> None:
         super().__init__(config, model_dir, version)
-        self._local: Any = None
-        self._driver: EngineDriver | None = None
+        self._client: EngineClient | None = None
+        self._router: TokenRouter | None = None
 
     def load(self) -> None:
+        from runtime.worker import EngineSpec
+
+        name = self.config.name
+        s = LLMSettings.from_config(self.config, self.model_dir / str(self.version))
+        spec = EngineSpec(str(s.model), s.tp, s.pp, s.dtype, s.engine, backend=s.dist_backend)
+        t0 = time.perf_counter()
+        try:
+            self._client = self._start(spec, s.engine_mode)
+        except ServingError:
+            raise
+        except Exception as e:
+            raise ServingError("INTERNAL", f"model '{name}': starting {s.tp}x{s.pp} ranks "
+                               f"failed: {e}") from e
+        self._router = TokenRouter(self._client, name)
+        info = self._client.info
+        log.info("model %s version %d: tp=%d pp=%d loaded from %s in %.1fs (%s engine, rank "
+                 "pids %s; %s)", name, self.version, s.tp, s.pp, s.model,
+                 time.perf_counter() - t0, "in-process" if self._client.fatal else "process",
+                 info.pids, info.stats)
+
+    def _start(self, spec: Any, mode: str) -> EngineClient:
+        """An engine process, or (launched world / engine_mode thread) rank 0 in this process."""
+        from launcher.discovery import discover_ranks
+        from launcher.engine_process import EngineProcessClient
+        from runtime.engine_client import InProcessClient
+
+        launched = discover_ranks().launched
+        if not launched and mode == "process":
+            return EngineProcessClient.start(spec, self.config.name)
         import torch.distributed as dist
 
         from launcher.launch import join_launched_world
         from launcher.local import start_local_engine
-        from runtime.worker import EngineSpec
 
-        s = LLMSettings.from_config(self.config, self.model_dir / str(self.version))
         if dist.is_initialized():
             raise ServingError("UNAVAILABLE", f"model '{self.config.name}': this process "
-                               "already drives a giant model (one torch.distributed world per "
-                               "process); unload it first")
-        spec = EngineSpec(str(s.model), s.tp, s.pp, s.dtype, s.engine, backend=s.dist_backend)
-        t0 = time.perf_counter()
-        try:  # under torchrun/mpirun/srun: join that world (other ranks never return here)
-            self._local = join_launched_world(spec, on_peer_lost=self._peer_lost) or (
-                start_local_engine(spec))
-        except Exception as e:
-            raise ServingError("INTERNAL", f"model '{self.config.name}': starting {s.tp}x{s.pp} "
-                               f"ranks failed: {e}") from e
-        dead = getattr(self._local, "dead_workers", list)
-        self._driver = EngineDriver(self._local.engine, self.config.name, dead)
-        self._driver.start()
-        log.info("model %s: tp=%d pp=%d loaded from %s in %.1fs (%s)", self.config.name, s.tp,
-                 s.pp, s.model, time.perf_counter() - t0, self._driver.stats)
+                               "already drives a giant model in-process (one torch.distributed "
+                               "world per process); unload it first or use engine_mode process")
+        # under torchrun/mpirun/srun: join that world (other ranks never return from here)
+        local = join_launched_world(spec, on_peer_lost=self._peer_lost) if launched else (
+            start_local_engine(spec))
+        return InProcessClient(local, self.config.name)
 
     def _peer_lost(self, reason: str) -> None:
-        if self._driver is not None:
-            self._driver.failure = f"a rank was lost: {reason}"
+        report = getattr(self._client, "report_lost", None)
+        if report is not None:
+            report(reason)
 
     def submit(self, request: InferRequest, sink: ResponseSink) -> None:
-        driver = self._driver
-        if driver is None or not driver.alive():
-            raise ServingError("UNAVAILABLE", f"model '{self.config.name}' is not running"
-                               + (f": {driver.failure}" if driver and driver.failure else ""))
-        job = parse_job(request, driver.engine.tokenizer)
-        driver.add(job, request, sink)
+        router = self._router
+        if router is None or self._client is None:
+            raise ServingError("UNAVAILABLE", f"model '{self.config.name}' is not running")
+        if router.failure is not None:
+            raise ServingError("UNAVAILABLE", f"model '{self.config.name}' is not available: "
+                               f"{router.failure}")
+        router.submit(parse_job(request, self._client.tokenizer), request, sink)
 
     def ready(self) -> bool:
-        return self._driver is not None and self._driver.alive()
+        return self._router is not None and self._router.alive()
 
     def failure(self) -> str | None:
-        return self._driver.failure if self._driver is not None else None
+        """Fatal only for an in-process engine (this process's world is broken); a dead
+        engine process makes just this model unavailable."""
+        if self._router is None or self._client is None or not self._client.fatal:
+            return None
+        return self._router.failure
 
     def stats(self) -> dict[str, Any]:
-        return dict(self._driver.stats) if self._driver is not None else {}
+        return dict(self._router.stats) if self._router is not None else {}
 
     def unload(self) -> None:
-        if self._driver is not None:
-            self._driver.stop()
-        if self._local is not None:
-            try:
-                self._local.close()
-            except RuntimeError as e:  # ranks already gone (e.g. a signal to the whole group)
-                log.warning("model %s: rank shutdown: %s", self.config.name,
-                            str(e).splitlines()[0][:200])
-        self._driver = self._local = None
+        if self._router is not None:
+            self._router.close()
+        self._router = self._client = None
