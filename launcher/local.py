@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -20,6 +21,9 @@ from runtime.engine import LLMEngine
 from runtime.worker import EngineSpec, RankStartupError, check_layout, run_rank
 
 __all__ = ["EngineSpec", "LocalEngine", "device_for", "start_local_engine", "start_parent_watch"]
+
+
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
 
 
 def free_port() -> int:
@@ -75,8 +79,13 @@ def _worker_main(rank: int, spec: EngineSpec, port: int, parent_pid: int) -> Non
         dist.destroy_process_group()
     except RankStartupError:
         os._exit(1)  # rank 0 reports every rank's start-up error
-    except Exception:
-        traceback.print_exc()
+    except Exception as e:
+        if any(s in str(e) for s in PEER_LOST):  # another rank died: it is reported there
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"shardserve rank {rank}: a peer rank is gone ({first[:160]}); exiting",
+                  file=sys.stderr, flush=True)
+        else:
+            traceback.print_exc()
         os._exit(1)
 
 
