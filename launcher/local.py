@@ -11,6 +11,8 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +59,21 @@ def watch_parent(parent_pid: int, period_s: float = 0.5) -> None:
 def start_parent_watch(parent_pid: int) -> None:
     threading.Thread(target=watch_parent, args=(parent_pid,), name="parent-watch",
                      daemon=True).start()
+
+
+@contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """Processes started inside inherit SIGINT ignored (a disposition of SIG_IGN survives exec,
+    a handler does not), so a Ctrl-C cannot kill a worker while it imports, before its own
+    `signal.signal` runs. Only the main thread may change dispositions; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _join(spec: EngineSpec, rank: int, port: int) -> ParallelContext:
@@ -111,7 +128,11 @@ class LocalEngine:
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the workers (politely, then by force) and leave the process group."""
         try:
-            if not self.dead_workers():
+            if self.dead_workers() or self.engine.has_unfinished():
+                # abandoned mid-generation (Ctrl-C, an error): the workers may be inside a
+                # step's collectives, where a polite stop plan would wait for them forever
+                self.kill()
+            else:
                 self.engine.shutdown()
         finally:
             deadline = time.monotonic() + timeout_s
@@ -133,8 +154,9 @@ def start_local_engine(spec: EngineSpec) -> LocalEngine:
     workers = [mpctx.Process(target=_worker_main, args=(r, spec, port, os.getpid()),
                              daemon=True, name=f"shardserve-rank{r}")
                for r in range(1, world)]
-    for p in workers:
-        p.start()
+    with _children_ignore_sigint():
+        for p in workers:
+            p.start()
     torch.set_num_threads(_threads_per_rank(world))
     try:
         ctx = _join(spec, 0, port)
