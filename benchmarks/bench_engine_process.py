@@ -80,6 +80,20 @@ def measure(client: Any, requests: int, concurrency: int, new: int, prompt_len: 
             * 1e3, "itl_p99_ms": q(gaps, n=100)[98] * 1e3}
 
 
+def round_trip_ms(client: Any, n: int = 200) -> float:
+    """Median time for a command to reach the engine loop and its answer (a stats batch) to
+    come back: the boundary itself, without model work."""
+    times = []
+    for _ in range(n):
+        client.recv(0)  # drop idle ticks
+        t0 = time.perf_counter()
+        client.request_stats()
+        while not client.recv(1.0):
+            pass
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
 def start(kind: str, spec: EngineSpec) -> Any:
     from launcher.engine_process import EngineProcessClient
     from launcher.local import start_local_engine
@@ -115,12 +129,15 @@ def main() -> None:
     ckpt = make_checkpoint(Path(tempfile.mkdtemp()) / args.arch, args.arch)
     spec = EngineSpec(str(ckpt), 1, 1, engine=EngineConfig(num_blocks=256))
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
+    trips: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for kind in ("direct", "thread", "process"):
             client = start(kind, spec)
             for conc in (1, 8):
                 results.setdefault((kind, conc), []).append(
                     measure(client, args.requests, conc, args.new_tokens, args.prompt_len))
+            if kind != "direct":
+                trips.setdefault(kind, []).append(round_trip_ms(client))
             stop(client)
     print(f"tiny {args.arch} (tp=1, pp=1), {args.new_tokens} new tokens, prompts of "
           f"{args.prompt_len}; median over {args.rounds} rounds")
@@ -129,6 +146,9 @@ def main() -> None:
         med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
         print(f"| {kind} | {conc} | {med['ttft_p50_ms']:.2f} | {med['itl_p50_ms']:.2f} | "
               f"{med['itl_p99_ms']:.2f} |")
+    for kind, values in trips.items():
+        print(f"{kind}: command -> engine loop -> batch back, idle engine: "
+              f"{statistics.median(values):.3f} ms")
 
 
 if __name__ == "__main__":
