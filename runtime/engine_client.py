@@ -107,13 +107,14 @@ class EngineLoop:
         self.dead_ranks = dead_ranks
         self._rejects: list[tuple[str, str, str]] = []
         self._last_emit = 0.0
-
-    def run(self) -> str | None:
         from runtime.engine import EngineFull
 
+        self._full = EngineFull
+
+    def run(self) -> str | None:
         try:
             while True:
-                if not self._take(block=not self.engine.has_unfinished(), full=EngineFull):
+                if not self._take(block=not self.engine.has_unfinished()):
                     return None
                 tokens = [(o.request_id, o.token_id, o.finished, o.finish_reason)
                           for o in self.engine.step()]
@@ -141,7 +142,7 @@ class EngineLoop:
         log.error("model %s: engine step failed", self.name, exc_info=error)
         return f"engine step failed: {type(error).__name__}: {str(error)[:300]}"
 
-    def _take(self, block: bool, full: type[Exception]) -> bool:
+    def _take(self, block: bool) -> bool:
         """Apply every queued command (waiting up to IDLE_WAIT_S when idle); False to stop."""
         try:
             first = self.commands.get(timeout=IDLE_WAIT_S) if block else (
@@ -157,16 +158,16 @@ class EngineLoop:
         for cmd in batch:
             if cmd[0] in (SHUTDOWN, EOF):
                 return False
-            self._apply(cmd, full)
+            self._apply(cmd)
         return True
 
-    def _apply(self, cmd: tuple, full: type[Exception]) -> None:
+    def _apply(self, cmd: tuple) -> None:
         kind = cmd[0]
         if kind == ADD:
             _, rid, prompt, params = cmd
             try:
                 self.engine.add_request(rid, prompt, params)
-            except full as e:
+            except self._full as e:
                 self._rejects.append((rid, "RESOURCE_EXHAUSTED",
                                       f"model '{self.name}' is overloaded: {e}"))
             except ValueError as e:
