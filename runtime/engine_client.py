@@ -34,7 +34,7 @@ ADD, ABORT, STATS, SHUTDOWN, EOF = "add", "abort", "stats", "shutdown", "eof"
 OUT, READY, ERROR, DEAD, CLOSED = "out", "ready", "error", "dead", "closed"
 
 # (request id, token id or None, finished, finish reason)
-Token = tuple[str, "int | None", bool, "str | None"]
+Token = tuple[str, int | None, bool, str | None]
 
 
 @dataclass

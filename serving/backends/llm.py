@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
@@ -27,6 +27,9 @@ from runtime.types import EngineConfig
 from serving.backends.llm_io import GenerationJob, StopText, parse_job
 from serving.config import int_param, param
 from serving.types import Backend, InferRequest, InferResponse, ResponseSink, ServingError
+
+if TYPE_CHECKING:
+    from runtime.worker import EngineSpec
 
 log = logging.getLogger(__name__)
 RECV_WAIT_S = 0.25  # the router wakes at least this often to look for cancelled requests
@@ -293,7 +296,7 @@ class LLMBackend(Backend):
                  time.perf_counter() - t0, "in-process" if self._client.fatal else "process",
                  info.pids, info.stats)
 
-    def _start(self, spec: Any, mode: str) -> EngineClient:
+    def _start(self, spec: EngineSpec, mode: str) -> EngineClient:
         """An engine process, or (launched world / engine_mode thread) rank 0 in this process."""
         from launcher.discovery import discover_ranks
         from launcher.engine_process import EngineProcessClient
