@@ -39,6 +39,16 @@ def status_of(error: ServingError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, error.status, grpc.StatusCode.INTERNAL)
 
 
+def too_big(msg: Any, limit: int) -> ServingError | None:
+    """RESOURCE_EXHAUSTED for a response over the send limit (gRPC would fail it anyway, with
+    a message that does not say why)."""
+    size = msg.ByteSize()
+    if size <= limit:
+        return None
+    return ServingError("RESOURCE_EXHAUSTED", f"the response is {size} bytes, more than "
+                        f"the server's --max-message-bytes {limit}")
+
+
 class Admission:
     """Counts in-flight inference requests (on the event loop only): past `limit` new ones are
     refused with RESOURCE_EXHAUSTED, and once draining (SIGTERM) with UNAVAILABLE, while
@@ -92,9 +102,10 @@ class _StreamSink:
     """Encodes one stream request's responses (in the sender's thread) and queues them."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, out: asyncio.Queue,
-                 finished: Callable[[], None], request: InferRequest, decoupled: bool) -> None:
+                 finished: Callable[[], None], request: InferRequest, decoupled: bool,
+                 max_bytes: int = 64 * 2**20) -> None:
         self.loop, self.out, self.finished = loop, out, finished
-        self.request, self.decoupled = request, decoupled
+        self.request, self.decoupled, self.max_bytes = request, decoupled, max_bytes
         self.empty_final = bool(request.parameters.get(EMPTY_FINAL, False))
 
     def _encode(self, response: InferResponse | None, final: bool
@@ -110,7 +121,11 @@ class _StreamSink:
         params = {FINAL: final} if self.decoupled else None
         msg = to_infer_response(response or InferResponse(), r.model_name, r.model_version,
                                 r.id, r.requested_outputs, params)
-        return pb.ModelStreamInferResponse(infer_response=msg)
+        wrapped = pb.ModelStreamInferResponse(infer_response=msg)
+        error = too_big(wrapped, self.max_bytes)
+        if error is not None:
+            raise error
+        return wrapped
 
     def _deliver(self, msg: pb.ModelStreamInferResponse | None, final: bool) -> None:
         if msg is not None:
@@ -122,7 +137,10 @@ class _StreamSink:
         try:
             msg = self._encode(response, final)
         except ServingError as e:
-            msg = pb.ModelStreamInferResponse(error_message=e.message)
+            r = self.request
+            head = pb.ModelInferResponse(model_name=r.model_name, model_version=r.model_version,
+                                         id=r.id)
+            msg = pb.ModelStreamInferResponse(error_message=e.message, infer_response=head)
         try:
             self.loop.call_soon_threadsafe(self._deliver, msg, final)
         except RuntimeError:
@@ -133,9 +151,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     """Every RPC of the KServe v2 gRPC protocol that this server supports."""
 
     def __init__(self, manager: ModelManager, pool: ThreadPoolExecutor,
-                 max_inflight: int = 1024) -> None:
+                 max_inflight: int = 1024, max_message_bytes: int = 64 * 2**20) -> None:
         self.manager = manager
         self.pool = pool
+        self.max_message_bytes = max_message_bytes
         self.started = False  # startup models loaded
         self.admission = Admission(max_inflight)
 
@@ -291,12 +310,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                                  f"{len(responses)} responses; use ModelStreamInfer for it")
         if error is not None:
             await context.abort(status_of(error), error.message)
-        return to_infer_response(responses[0], req.model_name, req.model_version, req.id,
-                                 req.requested_outputs)
+        msg = to_infer_response(responses[0], req.model_name, req.model_version, req.id,
+                                req.requested_outputs)
+        error = too_big(msg, self.max_message_bytes)
+        if error is not None:
+            await context.abort(status_of(error), error.message)
+        return msg
 
     async def ModelStreamInfer(self, request_iterator, context  # noqa: N802
                                ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        stream = _Stream(asyncio.get_running_loop(), self.admission)
+        stream = _Stream(asyncio.get_running_loop(), self.admission, self.max_message_bytes)
         reader = asyncio.create_task(self._read_stream(request_iterator, stream))
         try:
             while True:
@@ -334,8 +357,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 class _Stream:
     """One ModelStreamInfer call: its outgoing queue and its admitted requests."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, admission: Admission) -> None:
-        self.loop, self.admission = loop, admission
+    def __init__(self, loop: asyncio.AbstractEventLoop, admission: Admission,
+                 max_bytes: int) -> None:
+        self.loop, self.admission, self.max_bytes = loop, admission, max_bytes
         self.out: asyncio.Queue = asyncio.Queue()
         self.tickets: dict[int, int] = {}  # request key -> admission ticket (loop only)
         self.live: dict[int, InferRequest] = {}  # requests handed to a backend
@@ -358,7 +382,8 @@ class _Stream:
         self.live[key] = req
         if self.closed:
             req.cancelled.set()
-        return _StreamSink(self.loop, self.out, lambda: self.finished(key), req, decoupled)
+        return _StreamSink(self.loop, self.out, lambda: self.finished(key), req, decoupled,
+                           self.max_bytes)
 
     def close(self) -> None:
         """The call ended: cancel what is still running and release its admission."""
@@ -495,7 +520,7 @@ async def serve(manager: ModelManager, startup: list[str] | None,
 
     opts = opts or FrontOptions()
     pool = ThreadPoolExecutor(opts.workers, thread_name_prefix="shardserve")
-    servicer = InferenceServicer(manager, pool, opts.max_inflight)
+    servicer = InferenceServicer(manager, pool, opts.max_inflight, opts.max_message_bytes)
     server, bound = _grpc_server(servicer, opts)
     await server.start()
     loop = asyncio.get_running_loop()
