@@ -3,6 +3,8 @@
 - TLS: `server_credentials` turns a PEM certificate and key into gRPC server credentials.
 - Bearer token: `BearerTokenInterceptor` checks `authorization: Bearer <token>` on every RPC
   (missing or wrong -> UNAUTHENTICATED), with a constant-time comparison.
+- Hostile bytes: `add_service` registers the service with deserializers that turn a message
+  that does not parse into INVALID_ARGUMENT (gRPC would answer UNKNOWN and log a traceback).
 - Containment: everything a model loads must resolve inside the repository, so that neither a
   name, a symlink, a `default_model_filename` nor a config override sent over the network can
   make the server import or read a file elsewhere.
@@ -94,6 +96,73 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(refuse, **codec)
     return grpc.unary_unary_rpc_method_handler(refuse, **codec)
+
+
+# --- undecodable messages -----------------------------------------------------------------------
+class Undecodable:
+    """Stands for a request message that did not parse (a stream handler answers it)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.message = f"malformed request message: {error}"
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as e:  # DecodeError and friends: protobuf's message names the type
+            return Undecodable(e)
+    return decode
+
+
+def _checked_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return await behavior(request, context)
+    return call
+
+
+class _Capture:
+    """Stands in for a server to collect the generated code's handler registration."""
+
+    handlers: tuple = ()
+
+    def add_generic_rpc_handlers(self, handlers: tuple) -> None:
+        self.handlers = tuple(handlers)
+
+
+class _TolerantHandler(grpc.GenericRpcHandler):
+    """The generated handlers with tolerant deserializers; unary behaviours answer
+    INVALID_ARGUMENT themselves, streaming ones receive `Undecodable` items."""
+
+    def __init__(self, inner: tuple) -> None:
+        self._inner = inner
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails
+                ) -> grpc.RpcMethodHandler | None:
+        for generic in self._inner:
+            handler = generic.service(handler_call_details)
+            if handler is not None:
+                return self._wrap(handler)
+        return None
+
+    @staticmethod
+    def _wrap(h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        codec = {"request_deserializer": _tolerant(h.request_deserializer),
+                 "response_serializer": h.response_serializer}
+        if h.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(_checked_unary(h.unary_unary), **codec)
+        if h.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(h.stream_stream, **codec)
+        return h  # no other kind in the inference service
+
+
+def add_service(add_to_server: Callable[[Any, Any], None], servicer: Any, server: Any) -> None:
+    """Register `servicer` (through the generated `add_..._to_server`) with tolerant decoding."""
+    capture = _Capture()
+    add_to_server(servicer, capture)
+    server.add_generic_rpc_handlers((_TolerantHandler(capture.handlers),))
 
 
 # --- containment ---------------------------------------------------------------------------------

@@ -23,7 +23,13 @@ from tritonclient.grpc import service_pb2_grpc
 from serving.config import parse_json_config, validate_config
 from serving.convert import config_datatype, param_value, to_infer_request, to_infer_response
 from serving.manager import LoadedVersion, ModelManager
-from serving.security import BearerTokenInterceptor, check_override, server_credentials
+from serving.security import (
+    BearerTokenInterceptor,
+    Undecodable,
+    add_service,
+    check_override,
+    server_credentials,
+)
 from serving.types import InferRequest, InferResponse, ServingError
 
 log = logging.getLogger(__name__)
@@ -339,6 +345,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             async for request in request_iterator:
                 key = next(keys)
+                if isinstance(request, Undecodable):
+                    stream.out.put_nowait(pb.ModelStreamInferResponse(
+                        error_message=request.message))
+                    continue
                 try:
                     stream.admit(key)
                     await self._run(self._prepare_submit, request,
@@ -476,7 +486,7 @@ def _grpc_server(servicer: InferenceServicer, opts: FrontOptions) -> tuple[Any, 
     interceptors = [BearerTokenInterceptor(opts.auth_token)] if opts.auth_token else []
     server = grpc.aio.server(options=options, interceptors=interceptors,
                              maximum_concurrent_rpcs=opts.max_concurrent_rpcs)
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    add_service(service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, server)
     address = f"{opts.host}:{opts.port}"
     if (opts.tls_cert is None) != (opts.tls_key is None):
         raise ServingError("INVALID_ARGUMENT", "TLS needs both --grpc-tls-cert and "

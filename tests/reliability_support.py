@@ -22,7 +22,8 @@ from tests.serving_helpers import Server, infer_input
 LLM = "llm"
 ECHO = "echo"
 # An ordinary python model: OUT = tile(2 * IN + 1, REPEAT), TEXT_OUT = upper(TEXT), after
-# sleeping DELAY_MS. Deterministic, so every response has a known expected value.
+# sleeping DELAY_MS (out-of-range values are refused). Deterministic, so every response has a
+# known expected value.
 ECHO_CONFIG = """
 name: "{name}"
 backend: "python"
@@ -41,7 +42,7 @@ import time
 
 import numpy as np
 
-from serving.python_model import (InferenceResponse, PythonModel, Tensor,
+from serving.python_model import (InferenceResponse, PythonModel, Tensor, TritonError,
                                   get_input_tensor_by_name)
 
 
@@ -52,10 +53,14 @@ class Echo(PythonModel):
             x = get_input_tensor_by_name(r, "IN").as_numpy()
             rep = get_input_tensor_by_name(r, "REPEAT")
             delay = get_input_tensor_by_name(r, "DELAY_MS")
-            if delay is not None:
-                time.sleep(int(delay.as_numpy().reshape(-1)[0]) / 1000)
+            delay_ms = int(delay.as_numpy().reshape(-1)[0]) if delay is not None else 0
             reps = int(rep.as_numpy().reshape(-1)[0]) if rep is not None else 1
-            tensors = [Tensor("OUT", np.tile(2 * x + 1, max(reps, 1)).astype(np.float32))]
+            if not (0 <= delay_ms <= 5000 and 1 <= reps <= 10**6 and x.size * reps <= 10**7):
+                out.append(InferenceResponse(error=TritonError(
+                    "DELAY_MS must be in 0..5000 and REPEAT in 1..1e6", TritonError.INVALID_ARG)))
+                continue
+            time.sleep(delay_ms / 1000)
+            tensors = [Tensor("OUT", np.tile(2 * x + 1, reps).astype(np.float32))]
             text = get_input_tensor_by_name(r, "TEXT")
             if text is not None:
                 word = bytes(text.as_numpy().reshape(-1)[0]).upper()
