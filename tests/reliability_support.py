@@ -84,6 +84,23 @@ def build_repo(repo: Path, checkpoint: Path, **llm_params: Any) -> Path:
     return repo
 
 
+_REFERENCES: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+
+
+def reference(checkpoint: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """transformers greedy tokens per prompt, cached per process (a shorter run of a greedy
+    generation is a prefix of a longer one, so one run serves every length)."""
+    from tests.checkpoints import reference_generate
+
+    todo = sorted({tuple(p) for p in prompts
+                   if len(_REFERENCES.get((str(checkpoint), tuple(p)), [])) < new_tokens})
+    if todo:
+        ids, _ = reference_generate(checkpoint, [list(p) for p in todo], new_tokens)
+        for p, r in zip(todo, ids, strict=True):
+            _REFERENCES[(str(checkpoint), p)] = r
+    return [_REFERENCES[(str(checkpoint), tuple(p))][:new_tokens] for p in prompts]
+
+
 def start(repo: Path, log: Path, *args: str) -> Server:
     return Server(repo, log, "--metrics-port", "0", *args, module="launcher.cli")
 

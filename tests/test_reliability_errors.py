@@ -14,7 +14,6 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from tests.checkpoints import reference_generate
 from tests.reliability_support import (
     ECHO,
     LLM,
@@ -23,6 +22,7 @@ from tests.reliability_support import (
     echo_inputs,
     expect_error,
     ids_inputs,
+    reference,
     start,
     stream_tokens,
 )
@@ -214,7 +214,7 @@ def test_server_and_ranks_survived(server, client, checkpoint_dir) -> None:
     """Last in this module: same rank processes, ready, and still token-exact."""
     assert descendants(server) == server.ranks
     assert client.is_server_ready() and client.is_model_ready(LLM)
-    ref, _ = reference_generate(checkpoint_dir("llama"), [PROMPT], 8)
+    ref = reference(checkpoint_dir("llama"), [PROMPT], 8)
     assert client.infer(LLM, ids_inputs(PROMPT, 8)).as_numpy("output_ids").tolist() == ref[0]
     tokens, params = stream_tokens(server.url, ids_inputs(PROMPT, 8, stream=True))
     assert tokens == ref[0] and params["finish_reason"] == "length"
