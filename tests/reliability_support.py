@@ -106,9 +106,16 @@ def start(repo: Path, log: Path, *args: str) -> Server:
 
 
 def descendants(server: Server) -> dict[int, float]:
-    """pid -> create time of every process below the server (the giant model's ranks)."""
-    proc = psutil.Process(server.proc.pid)
-    return {p.pid: p.create_time() for p in proc.children(recursive=True) if p.is_running()}
+    """pid -> create time of the giant model's rank processes below the server (spawned
+    multiprocessing children; not multiprocessing's resource tracker, not zombies)."""
+    out = {}
+    for p in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline()):
+                out[p.pid] = p.create_time()
+        except psutil.NoSuchProcess:
+            continue
+    return out
 
 
 def rss_mib(server: Server) -> float:
