@@ -331,7 +331,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             while True:
                 item = await stream.out.get()
                 if item is _CHECK:
-                    if not stream.reading and not stream.tickets:
+                    # the state may already be ahead of the queue: end only once every queued
+                    # response has gone out (a final response is followed by its own _CHECK)
+                    if not stream.reading and not stream.tickets and stream.out.empty():
                         break
                     continue
                 yield item
