@@ -27,7 +27,7 @@ from tests.reliability_support import ECHO, LLM, build_repo, descendants, refere
 from tests.torch_models import Classifier, save_onnx
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
-REQUESTS = int(os.environ.get("SHARDSERVE_SOAK_REQUESTS", "4000"))
+REQUESTS = int(os.environ.get("SHARDSERVE_SOAK_REQUESTS", "8000"))
 CLIENTS = 8
 ONNX = "clf_onnx"
 PROMPTS = [[7 + i, 3 * i + 1, 50, 60 + i, 99 - i] for i in range(10)]
