@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from launcher import bench_cmd, generate_cmd
+from launcher import bench_cmd, generate_cmd, launch
 from launcher.errors import CommandError
 
 
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (generate_cmd, bench_cmd):
+    for module in (generate_cmd, launch, bench_cmd):
         module.add_commands(sub)
     return parser
 

@@ -70,6 +70,7 @@ def _report(engine: LLMEngine, prompts: list[str | list[int]], results: list[Gen
 
 
 def run(args: argparse.Namespace) -> int:
+    from launcher.launch import join_launched_world
     from launcher.local import start_local_engine
 
     if not args.prompts and not args.token_ids:
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                       backend=args.backend)
     t0 = time.perf_counter()
     try:
-        local = start_local_engine(spec)
+        local = join_launched_world(spec) or start_local_engine(spec)
     except USER_ERRORS as e:
         raise CommandError(str(e)) from None
     load_s = time.perf_counter() - t0
