@@ -43,6 +43,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up request")
     p.add_argument("--no-comm-stats", action="store_true", help="do not time communication")
     p.add_argument("--layout-timeout", type=float, default=3600.0, help="seconds per layout")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="rendezvous and collective timeout of the ranks (seconds)")
     p.set_defaults(func=run)
 
 
@@ -87,9 +89,10 @@ def fits(spec: EngineSpec) -> str | None:
 class ProgressBar:
     """A one-line bar on a terminal stream; silent when the stream is not a TTY."""
 
-    def __init__(self, total: int, stream: TextIO = sys.stderr, width: int = 30) -> None:
+    def __init__(self, total: int, stream: TextIO = sys.stderr, width: int = 30,
+                 enabled: bool = True) -> None:
         self.total, self.done, self.stream, self.width = max(1, total), 0, stream, width
-        self.enabled = stream.isatty()
+        self.enabled = enabled and stream.isatty()
 
     def update(self, label: str, advance: int = 1) -> None:
         self.done = min(self.total, self.done + advance)
@@ -118,24 +121,29 @@ def meta(args: argparse.Namespace, workloads: list[Workload]) -> dict[str, Any]:
             "threads_per_rank": args.threads_per_rank or "cores / ranks"}
 
 
-def measure(args: argparse.Namespace, layouts: list[tuple[int, int]],
-            workloads: list[Workload]) -> list[dict[str, Any]]:
+def make_job(args: argparse.Namespace, workloads: list[Workload], tp: int, pp: int) -> BenchJob:
+    engine = EngineConfig(kv_cache_bytes=args.kv_cache_mb * 2**20, max_running=args.max_running)
+    spec = EngineSpec(str(args.model), tp, pp, args.dtype, engine, backend=args.backend,
+                      timeout_s=args.timeout)
+    return BenchJob(spec, workloads, warmup=not args.no_warmup, seed=args.seed,
+                    comm_stats=not args.no_comm_stats, threads=args.threads_per_rank)
+
+
+def measure_local(args: argparse.Namespace, layouts: list[tuple[int, int]],
+                  workloads: list[Workload], bar: ProgressBar) -> list[dict[str, Any]]:
     """Run every layout that fits, in turn, each in its own freshly spawned ranks."""
     from launcher.bench_local import LayoutFailed, run_layout_local
     from launcher.bench_report import summarize_layout
 
-    engine = EngineConfig(kv_cache_bytes=args.kv_cache_mb * 2**20, max_running=args.max_running)
-    bar = ProgressBar(len(layouts) * (1 + 2 * len(workloads)))
     results = []
     for tp, pp in layouts:
-        spec = EngineSpec(str(args.model), tp, pp, args.dtype, engine, backend=args.backend)
-        reason = fits(spec)
+        job = make_job(args, workloads, tp, pp)
+        reason = fits(job.spec)
         if reason is not None:
             results.append(summarize_layout(tp, pp, None, "skipped", reason))
             bar.update(f"{tp}x{pp} skipped", 1 + 2 * len(workloads))
             continue
-        job = BenchJob(spec, workloads, warmup=not args.no_warmup, seed=args.seed,
-                       comm_stats=not args.no_comm_stats, threads=args.threads_per_rank)
+        done = bar.done
         bar.update(f"{tp}x{pp} loading", 0)
         try:
             raw = run_layout_local(job, lambda m, t=f"{tp}x{pp}": bar.update(f"{t} {m}"),
@@ -143,9 +151,35 @@ def measure(args: argparse.Namespace, layouts: list[tuple[int, int]],
             results.append(summarize_layout(tp, pp, raw))
         except LayoutFailed as e:
             results.append(summarize_layout(tp, pp, None, "failed", str(e)))
-        bar.done = min(bar.total, sum(1 + 2 * len(workloads) for _ in results))
-    bar.close()
+        bar.done = done
+        bar.update(f"{tp}x{pp} done", 1 + 2 * len(workloads))
     return results
+
+
+def measure(args: argparse.Namespace, layouts: list[tuple[int, int]],
+            workloads: list[Workload]) -> list[dict[str, Any]] | None:
+    """Every layout's summary, in `layouts` order; None on the non-zero ranks of a launched
+    world (they only help measure the layouts of the world's size)."""
+    from launcher.bench_world import run_in_world
+    from launcher.discovery import discover_ranks
+
+    info = discover_ranks()
+    bar = ProgressBar(len(layouts) * (1 + 2 * len(workloads)),
+                      enabled=not info.launched or info.rank == 0)
+    results = []
+    if info.launched:
+        here = [lay for lay in layouts if lay[0] * lay[1] == info.world_size]
+        if not here:
+            raise CommandError(f"no layout in --layouts has {info.world_size} ranks, the size "
+                               f"of the launched world")
+        results = run_in_world(info, here, lambda tp, pp: make_job(args, workloads, tp, pp),
+                               lambda name, msg: bar.update(f"{name} {msg}"))
+        if results is None:
+            return None
+        layouts = [lay for lay in layouts if lay not in here]
+    results += measure_local(args, layouts, workloads, bar)
+    bar.close()
+    return sorted(results, key=lambda e: (e["ranks"] > 1, e["ranks"], e["pp"]))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -157,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
     if not workloads:
         raise CommandError("give at least one workload")
     results = measure(args, layouts, workloads)
+    if results is None:
+        return 0
     add_speedups(results)
     paths = write_all(args.out, meta(args, workloads), results)
     print(format_table(results))

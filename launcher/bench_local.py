@@ -32,9 +32,17 @@ def _watch_parent(parent_pid: int) -> None:
         time.sleep(0.5)
 
 
+# What an outer launcher (torchrun, `shardserve launch`) exports; a local rank spawned from one
+# of its ranks must not inherit them (torchrun's agent-store flag would redirect our rendezvous).
+LAUNCH_VARS = ("TORCHELASTIC_USE_AGENT_STORE", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+               "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _rank_entry(rank: int, job: BenchJob, port: int, out: Any, parent_pid: int) -> None:
     """Body of one spawned rank: join the world, run the layout, rank 0 posts the result."""
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    for name in LAUNCH_VARS:
+        os.environ.pop(name, None)
     spec = job.spec
     world = spec.tp * spec.pp
     torch.set_num_threads(job.threads or max(1, (os.cpu_count() or 1) // world))
