@@ -130,6 +130,18 @@ def tensor_mb(tensors: Any) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM (reset by exec, unlike ru_maxrss, which would count the
+    spawning parent's pages), falling back to ru_maxrss where /proc is absent."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def rank_report(ctx: ParallelContext, runner: ModelRunner | None, load_s: float) -> dict[str, Any]:
     """This rank's figures: load time, memory (CUDA peak or peak RSS), per-step comm time."""
     import psutil
@@ -137,7 +149,7 @@ def rank_report(ctx: ParallelContext, runner: ModelRunner | None, load_s: float)
     if ctx.device.type == "cuda":
         mem_kind, mem_mb = "cuda_max_allocated", torch.cuda.max_memory_allocated(ctx.device) / 2**20
     else:
-        mem_kind, mem_mb = "peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        mem_kind, mem_mb = "peak_rss", peak_rss_mb()
     weights = tensor_mb(runner.model.parameters()) if runner else 0.0
     kv = tensor_mb(t for kv in runner.caches.values() for t in kv) if runner else 0.0
     return {"rank": ctx.rank, "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank,
