@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 from launcher import bench_cmd, generate_cmd, launch
 from launcher.errors import CommandError
+from serving import cli as serving_cli
+from sharding import cli as sharding_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (generate_cmd, launch, bench_cmd):
+    for module in (generate_cmd, launch, sharding_cli, serving_cli, bench_cmd):
         module.add_commands(sub)
     return parser
 

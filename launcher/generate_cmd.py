@@ -11,7 +11,7 @@ from typing import Any
 from launcher.errors import CommandError
 from runtime.engine import GenerationResult, LLMEngine
 from runtime.types import EngineConfig, SamplingParams
-from runtime.worker import EngineSpec
+from runtime.worker import EngineSpec, default_layout
 
 USER_ERRORS = (ValueError, OSError, RuntimeError)
 
@@ -20,8 +20,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text for prompts with a tp x pp model")
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="text prompts")
     p.add_argument("--model", required=True, help="HF checkpoint directory or shard folder")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
-    p.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--tp", type=int, help="tensor-parallel ranks (default: a shard folder's, or 1)")
+    p.add_argument("--pp", type=int, help="pipeline stages (default: a shard folder's, or 1)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the checkpoint's")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--token-ids", action="append", default=[], metavar="1,2,3",
@@ -64,7 +64,8 @@ def _report(engine: LLMEngine, prompts: list[str | list[int]], results: list[Gen
         text = engine.tokenizer.decode(r.token_ids) if engine.tokenizer else None
         rows.append({"prompt": prompt, "prompt_token_ids": r.prompt_token_ids,
                      "token_ids": r.token_ids, "text": text, "finish_reason": r.finish_reason})
-    return {"model": args.model, "tp": args.tp, "pp": args.pp, "results": rows,
+    return {"model": args.model, "tp": args.tp, "pp": args.pp, "dtype": engine.dtype,
+            "results": rows,
             "load_s": round(load_s, 4), "prefill_s": round(t["prefill_s"], 4),
             "decode_s": round(t["decode_s"], 4), "decode_tokens_per_s": round(decode_tps, 2)}
 
@@ -82,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         params.validate()
     except ValueError as e:
         raise CommandError(str(e)) from None
+    tp, pp = default_layout(args.model)
+    args.tp, args.pp = args.tp or tp, args.pp or pp
     spec = EngineSpec(args.model, args.tp, args.pp, args.dtype, EngineConfig(),
                       backend=args.backend)
     t0 = time.perf_counter()

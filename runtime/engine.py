@@ -43,6 +43,7 @@ class ModelInfo:
     eos_token_ids: list[int]
     num_blocks: int
     pp: int
+    dtype: str = "float32"
     tokenizer: Tokenizer | None = None
 
 
@@ -54,6 +55,7 @@ class LLMEngine:
         self.max_model_len = info.max_model_len
         self.eos_token_ids = info.eos_token_ids
         self.tokenizer = info.tokenizer
+        self.dtype = info.dtype
         self.num_blocks = info.num_blocks
         self.microbatches = cfg.microbatches or info.pp
         self.scheduler = Scheduler(cfg, info.num_blocks)

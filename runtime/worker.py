@@ -20,6 +20,7 @@ from runtime.tokenizer import Tokenizer
 from runtime.types import EngineConfig
 from sharding.checkpoint import HFCheckpoint, read_config
 from sharding.rules import ArchRules, rules_for
+from sharding.shards import ShardFolder, is_shard_folder
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -46,26 +47,32 @@ def resolve_dtype(name: str | None, hf_config: dict[str, Any]) -> torch.dtype:
     return DTYPES[name]
 
 
-def is_shard_folder(path: Path) -> bool:
-    return (path / "manifest.json").is_file()
-
-
 def open_weights(spec: EngineSpec, ctx: ParallelContext) -> tuple[dict[str, Any], ArchRules, Any]:
     """The HF config, the layout rules and this rank's weight source for `spec.model`."""
     path = Path(spec.model)
     if is_shard_folder(path):
-        from sharding.shards import ShardFolder
-
         folder = ShardFolder(path)
         if (folder.tp, folder.pp) != (spec.tp, spec.pp):
             raise ValueError(f"{path} is sharded for tp={folder.tp}, pp={folder.pp}; asked for "
                              f"tp={spec.tp}, pp={spec.pp} (use `shardserve reshard`)")
-        cfg = folder.config
+        # the shards' own dtype is the default, not the source config's
+        cfg = dict(folder.config)
+        if folder.dtype != "mixed":
+            cfg["dtype"] = folder.dtype
         rules = rules_for(cfg, folder.tp, folder.pp, folder.stage_layers)
         return cfg, rules, folder.open_rank(ctx.pp_rank, ctx.tp_rank)
     ckpt = HFCheckpoint(path)
     rules = rules_for(ckpt.config, spec.tp, spec.pp, spec.stage_layers)
     return ckpt.config, rules, ckpt
+
+
+def default_layout(model: str) -> tuple[int, int]:
+    """(tp, pp) a model runs at when none is asked for: a shard folder's own, else (1, 1)."""
+    path = Path(model)
+    if is_shard_folder(path):
+        folder = ShardFolder(path)
+        return folder.tp, folder.pp
+    return 1, 1
 
 
 def check_layout(spec: EngineSpec) -> None:
@@ -122,6 +129,7 @@ def build_rank(spec: EngineSpec, ctx: ParallelContext) -> tuple[ModelRunner, Mod
     path = Path(spec.model)
     info = ModelInfo(vocab_size=rules.dims.vocab, max_model_len=max_len,
                      eos_token_ids=_eos_ids(path, cfg), num_blocks=num_blocks, pp=rules.pp,
+                     dtype=str(dtype).removeprefix("torch."),
                      tokenizer=Tokenizer.from_dir(path) if ctx.is_driver else None)
     return runner, info, report
 

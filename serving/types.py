@@ -8,6 +8,7 @@ final flag for decoupled (streaming) models.
 from __future__ import annotations
 
 import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,9 @@ class InferRequest:
     priority: int = 0
     timeout_us: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
+    unary: bool = False  # ModelInfer: the client takes exactly one response (no stream)
+    arrival_ns: int = field(default_factory=time.monotonic_ns)
+    compute_start_ns: int = 0  # set by the backend when execution starts (0: at arrival)
 
 
 @dataclass
@@ -73,6 +77,14 @@ class Backend(ABC):
 
     def ready(self) -> bool:
         return True
+
+    def failure(self) -> str | None:
+        """A fatal, unrecoverable error (e.g. a dead rank); the server then exits non-zero."""
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        """Backend-specific figures (e.g. KV-cache blocks) for logs and metrics."""
+        return {}
 
     def unload(self) -> None:
         """Release resources once in-flight requests have finished."""

@@ -58,3 +58,20 @@ def test_generate_errors_are_one_line(checkpoint_dir, tmp_path) -> None:
         out = shardserve("generate", *args)
         assert out.returncode == 2, (args, out.stderr)
         assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_generate_from_shards_takes_their_layout_and_dtype(checkpoint_dir, tmp_path) -> None:
+    """No --tp/--pp/--dtype: a bf16 shard folder runs at its own layout, in bf16, and matches a
+    bf16 run straight from the checkpoint."""
+    src, out = str(checkpoint_dir("llama")), str(tmp_path / "shards")
+    made = shardserve("shard", src, out, "--tp", "2", "--pp", "2", "--dtype", "bf16")
+    assert made.returncode == 0, made.stderr
+    common = ["--max-tokens", "6", "--ignore-eos", "--json", "--token-ids", "5,6,7"]
+    sharded = shardserve("generate", "--model", out, *common)
+    assert sharded.returncode == 0, sharded.stderr
+    report = json.loads(sharded.stdout)
+    assert (report["tp"], report["pp"], report["dtype"]) == (2, 2, "bfloat16")
+    direct = shardserve("generate", "--model", src, "--tp", "2", "--pp", "2", "--dtype", "bf16",
+                        *common)
+    assert direct.returncode == 0, direct.stderr
+    assert report["results"][0]["token_ids"] == json.loads(direct.stdout)["results"][0]["token_ids"]

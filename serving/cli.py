@@ -1,0 +1,132 @@
+"""`shardserve serve` (the gRPC front on a model repository) and `shardserve repo add` (write a
+ready model entry for an HF checkpoint or shard folder)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+from pathlib import Path
+
+from launcher.errors import CommandError
+from serving.types import ServingError
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model repository over the KServe v2 gRPC protocol")
+    p.add_argument("--model-repository", required=True, type=Path, metavar="DIR")
+    p.add_argument("--grpc-port", type=int, default=8001, help="0 picks a free port")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--model-control-mode", choices=["none", "explicit", "poll"], default="none",
+                   help="none: load every model at start; explicit: load through the API; "
+                   "poll: load at start, then follow repository changes")
+    p.add_argument("--repository-poll-secs", type=float, default=15.0, metavar="S",
+                   help="poll mode: seconds between repository checks")
+    p.add_argument("--metrics-port", type=int, default=8002,
+                   help="Prometheus metrics port (0 picks a free port)")
+    p.add_argument("--no-metrics", dest="allow_metrics", action="store_false",
+                   help="do not serve Prometheus metrics")
+    p.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                   help="explicit mode: load NAME at start ('*' for all); repeatable")
+    p.add_argument("--workers", type=int, default=64, help="request-handling threads")
+    p.add_argument("--max-message-bytes", type=int, default=64 * 2**20)
+    p.add_argument("--no-exit-on-error", dest="exit_on_error", action="store_false",
+                   help="keep serving when a startup model fails to load")
+    p.set_defaults(func=run_serve)
+
+    repo = sub.add_parser("repo", help="model repository tools")
+    rsub = repo.add_subparsers(dest="repo_command", required=True, metavar="ACTION")
+    a = rsub.add_parser("add", help="add a giant model (HF checkpoint or shard folder)")
+    a.add_argument("repository", type=Path, metavar="REPO")
+    a.add_argument("name", metavar="NAME")
+    a.add_argument("--model", required=True, type=Path, metavar="DIR",
+                   help="HF checkpoint directory or shard folder")
+    a.add_argument("--tp", type=int, default=1)
+    a.add_argument("--pp", type=int, default=1)
+    a.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
+    a.add_argument("--copy", action="store_true",
+                   help="copy the checkpoint into the version folder instead of referencing it")
+    a.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra backend parameter (e.g. num_blocks=512); repeatable")
+    a.add_argument("--force", action="store_true", help="replace an existing entry")
+    a.set_defaults(func=run_repo_add)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from serving.manager import ModelManager
+    from serving.metrics import ServerMetrics
+    from serving.repository import ModelRepository
+    from serving.server import serve
+
+    metrics = ServerMetrics() if args.allow_metrics else None
+    try:
+        manager = ModelManager(ModelRepository(args.model_repository), args.model_control_mode,
+                               metrics=metrics)
+    except ServingError as e:
+        raise CommandError(e.message) from None
+    explicit = args.model_control_mode == "explicit"
+    startup = list(args.load_model) if explicit and "*" not in args.load_model else None
+    if _launched_worker():  # a non-zero rank of a launched world: follow step plans, no front
+        manager.load_startup(startup)
+        return 0
+    return asyncio.run(serve(manager, args.host, args.grpc_port, startup, args.workers,
+                             args.max_message_bytes, args.exit_on_error,
+                             metrics_port=args.metrics_port if metrics else None,
+                             poll_secs=args.repository_poll_secs))
+
+
+def _launched_worker() -> bool:
+    """True on ranks 1.. of a world started by torchrun/mpirun/srun (they serve no gRPC)."""
+    from launcher.discovery import discover_ranks
+
+    info = discover_ranks()
+    return info.launched and info.rank != 0
+
+
+def _params(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CommandError(f"--param {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def add_llm_model(repository: Path, name: str, model: Path, tp: int = 1, pp: int = 1,
+                  dtype: str | None = None, copy: bool = False,
+                  extra: dict[str, str] | None = None, force: bool = False) -> Path:
+    """Write `<repository>/<name>/config.pbtxt` and version folder 1 for a giant model."""
+    from serving.backends.llm_io import llm_model_config
+    from serving.config import config_text
+    from serving.repository import ModelRepository
+
+    model = model.resolve()
+    if not ((model / "config.json").is_file() or (model / "manifest.json").is_file()):
+        raise CommandError(f"{model} is neither an HF checkpoint (config.json) nor a shard "
+                           "folder (manifest.json)")
+    if tp < 1 or pp < 1:
+        raise CommandError("--tp and --pp must be >= 1")
+    repository.mkdir(parents=True, exist_ok=True)
+    try:
+        entry = ModelRepository(repository).model_dir(name)
+    except ServingError as e:
+        raise CommandError(e.message) from None
+    if entry.exists() and not force:
+        raise CommandError(f"{entry} exists (use --force to replace it)")
+    version = entry / "1"
+    if copy:
+        if version.exists():
+            shutil.rmtree(version)
+        shutil.copytree(model, version)
+    version.mkdir(parents=True, exist_ok=True)
+    cfg = llm_model_config(name, "." if copy else str(model), tp, pp, dtype, extra)
+    (entry / "config.pbtxt").write_text(config_text(cfg), encoding="utf-8")
+    return entry
+
+
+def run_repo_add(args: argparse.Namespace) -> int:
+    entry = add_llm_model(args.repository, args.name, args.model, args.tp, args.pp, args.dtype,
+                          args.copy, _params(args.param), args.force)
+    print(f"added {entry} (tp={args.tp}, pp={args.pp})")
+    return 0
