@@ -126,9 +126,12 @@ def plot_model(name: str, entry: dict[str, Any], constraints: Constraints, path:
         ax.scatter([chosen["latency_p99_ms"]], [chosen["throughput"]], marker="*", s=400,
                    facecolors="none", edgecolors="black", linewidths=1.5, zorder=4,
                    label=f"chosen: {chosen['label']}")
-    if constraints.latency_p99_ms is not None:
-        ax.axvline(constraints.latency_p99_ms, color="grey", linestyle="--",
-                   label="latency budget")
+    worst = max((r["latency_p99_ms"] for r in ok), default=0.0)
+    budget = constraints.latency_p99_ms
+    if budget is not None and budget <= 1.5 * worst:
+        ax.axvline(budget, color="grey", linestyle="--", label="latency budget")
+    elif budget is not None:  # far to the right: a line there would squash every point
+        ax.plot([], [], " ", label=f"latency budget {budget:g} ms (off the chart)")
     if constraints.min_throughput is not None:
         ax.axhline(constraints.min_throughput, color="grey", linestyle=":",
                    label="minimum throughput")

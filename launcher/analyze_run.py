@@ -170,8 +170,10 @@ class PointRunner:
                  ) -> dict[str, Any]:
         res = self._result(point, "ok")
         res.update(load.figures())
-        res.update(startup_s=startup_s, mem_mb_per_rank=[round(m, 1) for m in mem],
-                   mem_mb_max=max(mem) if mem else None, concurrency=self.load.concurrency)
+        per_rank = [round(m, 1) for m in mem]
+        res.update(startup_s=startup_s, mem_mb_per_rank=per_rank,
+                   mem_mb_max=max(per_rank) if per_rank else None,
+                   concurrency=self.load.concurrency)
         res["throughput"] = res["tokens_per_s"] if self.llm else res["infer_per_s"]
         if not load.requests:
             res["status"], res["error"] = "failed", load.first_error or "no request completed"
