@@ -95,13 +95,27 @@ class MemorySampler:
         return [root] + [mb for pid, mb in self.peak_mb.items() if pid != self.root.pid]
 
 
+# What torchrun / MPI / Slurm export for a rank: the server the analyzer starts runs alone on
+# this node and spawns its own ranks, so it must not believe it is part of a launched world.
+_LAUNCH_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE", "SLURM_PROCID",
+                "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NPROCS"}
+_LAUNCH_PREFIXES = ("OMPI_COMM_WORLD_", "PMI_", "PMIX_", "MPI_LOCAL", "SLURM_STEP_")
+
+
+def local_env() -> dict[str, str]:
+    """This process's environment without any outer launcher's rank variables."""
+    return {k: v for k, v in os.environ.items()
+            if k not in _LAUNCH_VARS and not k.startswith(_LAUNCH_PREFIXES)}
+
+
 class ServerProcess:
     """`python -m launcher.cli serve --model-repository REPO --grpc-port 0` with its log in a
     file; `url` once ready; `stop()` returns the peak memory per rank process (MB)."""
 
     def __init__(self, repo: Path, log: Path, timeout_s: float = 300.0,
                  extra: list[str] | None = None) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        env = {**local_env(), "PYTHONPATH": os.pathsep.join(
             [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
         cmd = [sys.executable, "-m", "launcher.cli", "serve", "--model-repository", str(repo),
                "--grpc-port", "0", "--no-metrics", *(extra or [])]
