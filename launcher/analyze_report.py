@@ -118,9 +118,10 @@ def plot_model(name: str, entry: dict[str, Any], constraints: Constraints, path:
         if pts:
             ax.scatter([r["latency_p99_ms"] for r in pts], [r["throughput"] for r in pts],
                        color=color, label=label, zorder=3)
-    for r in ok:
-        ax.annotate(r["label"], (r["latency_p99_ms"], r["throughput"]), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
+    for i, r in enumerate(entry["results"]):  # "#i" = row i of report.md
+        if r in ok:
+            ax.annotate(f"#{i}", (r["latency_p99_ms"], r["throughput"]), fontsize=8,
+                        xytext=(4, 3), textcoords="offset points")
     chosen = entry["chosen"]
     if chosen is not None:
         ax.scatter([chosen["latency_p99_ms"]], [chosen["throughput"]], marker="*", s=400,
@@ -138,7 +139,7 @@ def plot_model(name: str, entry: dict[str, Any], constraints: Constraints, path:
     unit = entry["results"][0]["throughput_unit"] if entry["results"] else ""
     ax.set_xlabel("latency p99 (ms)")
     ax.set_ylabel(f"throughput ({unit})")
-    ax.set_title(f"{name}: every tried configuration")
+    ax.set_title(f"{name}: every tried configuration (#n: row n of report.md)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -51,6 +51,16 @@ class Space:
 
     knobs: list[tuple[str, list[Any]]]
     skipped: list[tuple[Point, str]] = field(default_factory=list)
+    # knob -> tier of a value: quick mode tries a whole tier before judging it (layouts: the
+    # ones with the same number of ranks, which have no order among themselves)
+    tiers: dict[str, Callable[[Any], int]] = field(default_factory=dict)
+
+    def tiered(self, knob: str, values: list[Any]) -> list[list[Any]]:
+        """`values` grouped into consecutive tiers (one value per tier unless `tiers` says)."""
+        key = self.tiers.get(knob)
+        if key is None:
+            return [[v] for v in values]
+        return [list(g) for _, g in itertools.groupby(values, key=key)]
 
     def grid(self) -> list[Point]:
         names = [k for k, _ in self.knobs]
@@ -212,8 +222,14 @@ def llm_space(config: mc.ModelConfig, model_dir: Path, grids: Grids) -> Space:
     running = grids.max_running or sorted({max(1, c // 4), max(1, c // 2), c})
     kv_default = int(param(config, "kv_cache_bytes") or 256 * 2**20) // 2**20
     kv = grids.kv_cache_mb or sorted({max(1, kv_default // 4), kv_default})
+    layouts.sort(key=_ranks)
     return Space([("layout", layouts), ("max_running", sorted(set(running))),
-                  ("kv_cache_mb", sorted(set(kv)))], skipped)
+                  ("kv_cache_mb", sorted(set(kv)))], skipped, {"layout": _ranks})
+
+
+def _ranks(layout: str) -> int:
+    tp, pp = layout.split("x")
+    return int(tp) * int(pp)
 
 
 def apply_llm(config: mc.ModelConfig, point: Point) -> mc.ModelConfig:
@@ -243,22 +259,33 @@ def _better(new: dict[str, Any], old: dict[str, Any]) -> bool:
     return (new["throughput"] or 0) > (old["throughput"] or 0) * IMPROVEMENT
 
 
+def _rank(result: dict[str, Any]) -> tuple[bool, bool, float]:
+    return (result["status"] == "ok", bool(result["meets_all"]), result["throughput"] or 0.0)
+
+
 def coordinate_descent(space: Space, measure: Measure) -> None:
     """Quick mode: from the smallest value of every knob, raise one knob at a time and keep a
-    value only while it pays (a better point by `_better`); the first value that does not (too
-    slow, over a budget, or under 5% gain) ends that knob."""
+    value only while it pays (a better point by `_better`); the first tier of values that does
+    not (too slow, over a budget, or under 5% gain) ends that knob."""
     current = space.start()
     best = measure(current)
     for knob, values in space.knobs:
-        start = values.index(current[knob]) if current[knob] in values else 0
-        for value in values[start + 1:]:
-            candidate = normalize({**current, knob: value})
-            if candidate == current:
+        tiers = space.tiered(knob, values)
+        start = next((i for i, t in enumerate(tiers) if current[knob] in t), 0)
+        for tier in tiers[start:]:
+            top = None
+            for value in tier:
+                candidate = normalize({**current, knob: value})
+                if candidate == current:
+                    continue
+                result = measure(candidate)
+                if top is None or _rank(result) > _rank(top[0]):
+                    top = (result, candidate)
+            if top is None:
                 continue
-            result = measure(candidate)
-            if not _better(result, best):
+            if not _better(top[0], best):
                 break
-            best, current = result, candidate
+            best, current = top
 
 
 def full_grid(space: Space, measure: Measure) -> None:

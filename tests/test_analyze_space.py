@@ -122,6 +122,17 @@ def test_quick_mode_stops_at_the_latency_budget() -> None:
     assert [c["a"] for c in calls] == [1, 2, 4]  # 4 breaks the budget: 8 is never tried
 
 
+def test_quick_mode_tries_every_layout_of_a_rank_count() -> None:
+    """Layouts with as many ranks have no order: the whole tier is measured, its best judged."""
+    space = Space([("layout", ["1x1", "2x1", "1x2", "2x2", "4x1", "8x1"]), ("b", [1])],
+                  tiers={"layout": lambda lp: int(lp[0]) * int(lp[2])})
+    speed = {"1x1": 10, "2x1": 9, "1x2": 15, "2x2": 12, "4x1": 14, "8x1": 99}
+    measure, calls = _fake_measure(lambda p: (speed[p["layout"]], 1.0))
+    coordinate_descent(space, measure)
+    # 1x2 wins the 2-rank tier; the 4-rank tier's best (14) is no gain: 8x1 is never tried
+    assert [c["layout"] for c in calls] == ["1x1", "2x1", "1x2", "2x2", "4x1"]
+
+
 @pytest.mark.parametrize("sizes", [[1, 2], [1, 2, 3]])
 def test_full_grid_tries_every_point(sizes: list[int]) -> None:
     space = Space([("a", sizes), ("b", [5, 6])])
