@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import itertools
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,7 +68,8 @@ def test_unbatched_model_only_searches_instances() -> None:
     assert space.knobs == [("instances", [1, 2, 4])]
 
 
-def test_llm_layouts_that_do_not_fit_are_skipped(tmp_path: Path, checkpoint_dir) -> None:
+def test_llm_layouts_that_do_not_fit_are_skipped(tmp_path: Path,
+                                                 checkpoint_dir: Callable[[str], Path]) -> None:
     repo = tmp_path / "repo"
     add_llm_model(repo, "llm", checkpoint_dir("llama"), extra={"num_blocks": "64"})
     config = ModelRepository(repo).config("llm")
@@ -92,11 +95,13 @@ def test_llm_layouts_that_do_not_fit_are_skipped(tmp_path: Path, checkpoint_dir)
     assert "num_blocks" not in out.parameters  # it would override the searched KV budget
 
 
-def _fake_measure(throughput, latency_budget: float | None = None):
+def _fake_measure(throughput: Callable[[dict[str, Any]], tuple[float, float]],
+                  latency_budget: float | None = None
+                  ) -> tuple[Callable[[dict[str, Any]], dict[str, Any]], list[dict[str, Any]]]:
     """A measurement function over a known landscape (the search logic is what is tested)."""
-    calls = []
+    calls: list[dict[str, Any]] = []
 
-    def measure(point):
+    def measure(point: dict[str, Any]) -> dict[str, Any]:
         calls.append(dict(point))
         t, lat = throughput(point)
         meets = latency_budget is None or lat <= latency_budget
