@@ -1,9 +1,10 @@
 """Streaming shard writer: one pass over a `TensorSource`, one rank file per (pp, tp) rank.
 
 Every rank file's header is computed up front (shapes and dtypes are known before any byte is
-read), then each source tensor is read once, cut per rank, converted in small row chunks and
-appended to the rank files while their sha256 is updated. Peak memory stays near the largest
-source tensor. Output goes to a temporary sibling folder renamed into place at the very end.
+read), then each source tensor is visited once (memory-mapped, or read into a reused buffer), cut
+per rank, converted in small row chunks when needed and appended to the rank files while their
+sha256 is updated. Peak memory stays near the largest source tensor. Output goes to a temporary
+sibling folder renamed into place at the very end.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from sharding.stformat import header_bytes, nbytes, tensor_bytes
 # a time: small enough that what was just gathered or hashed is still in the CPU cache.
 CHUNK_BYTES = 1024 * 1024
 IO_BYTES = 1024 * 1024
-# Reading the next tensor while the last one is written needs a second buffer; above this size
-# it would break the memory budget (1.5 x largest tensor + 500 MB), so big tensors go one by one.
+# Mapping (or reading) the next tensor while the last one is written holds two tensors in memory;
+# above this size that would break the budget (1.5 x largest tensor + 500 MB), so big tensors go
+# one by one.
 PREFETCH_MAX_BYTES = 256 * 1024 * 1024
 
 DTYPES: dict[str, torch.dtype] = {
@@ -214,9 +216,9 @@ def _drain(futures: list[Future[int]], progress: Progress) -> None:
 
 
 def _stream(source: TensorSource, plan: Plan, tmp: Path, progress: Progress) -> list[RankFile]:
-    """Read each tensor once (into one of two reused buffers, or one when tensors are big) while
-    per-rank threads cut, convert, write and hash the previous one; a rank's tensors are written
-    in plan order."""
+    """Get each tensor once (mapped, or read into one of two reused buffers, one when tensors are
+    big; buffers a mapping source never touches cost no memory) while per-rank threads cut,
+    convert, hash and write the previous one; a rank's tensors are written in plan order."""
     tp = plan.rules.tp
     writers = [RankWriter(tmp / rank_file_name(p, t), p, t, plan.ranks[p * tp + t])
                for p in range(plan.rules.pp) for t in range(tp)]
