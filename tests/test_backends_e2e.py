@@ -84,13 +84,6 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     assert srv.stop() == 0, srv.text()
 
 
-@pytest.fixture
-def client(server: Server):
-    c = grpcclient.InferenceServerClient(server.url)
-    yield c
-    c.close()
-
-
 def test_python_model_unchanged_from_triton(client) -> None:
     a, b = np.random.rand(4).astype(np.float32), np.random.rand(4).astype(np.float32)
     result = client.infer("add_sub", [infer_input("INPUT0", a, "FP32"),
