@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from launcher import generate_cmd, launch
+from launcher import analyze_cmd, bench_cmd, generate_cmd, launch
 from launcher.errors import CommandError
 from serving import cli as serving_cli
 from sharding import cli as sharding_cli
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (generate_cmd, launch, sharding_cli, serving_cli):
+    for module in (generate_cmd, launch, sharding_cli, serving_cli, bench_cmd, analyze_cmd):
         module.add_commands(sub)
     return parser
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from parallel.collectives import CommStats
+
 
 @dataclass
 class ParallelContext:
@@ -20,6 +22,7 @@ class ParallelContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tp_group: dist.ProcessGroup | None = None
     control_group: dist.ProcessGroup | None = None  # gloo, CPU: step plans, tokens, shutdown
+    comm_stats: CommStats | None = None  # set (before the model is built) to time communication
 
     @property
     def world_size(self) -> int:

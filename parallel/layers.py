@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.collectives import all_gather_uneven, all_reduce
+from parallel.collectives import CommStats, all_gather_uneven, all_reduce
 from parallel.partition import split_range, split_sizes
 
 
@@ -20,6 +20,8 @@ class ColumnParallelLinear(nn.Module):
     `out_sizes` gives every rank's number of output features (uneven splits allowed); this rank
     holds `out_sizes[tp_rank]`. With `gather_output` the full output is assembled on every rank.
     """
+
+    comm_stats: CommStats | None = None  # see attach_comm_stats
 
     def __init__(
         self,
@@ -43,7 +45,7 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if self.gather_output:
-            y = all_gather_uneven(y, self.out_sizes, -1, self.group)
+            y = all_gather_uneven(y, self.out_sizes, -1, self.group, self.comm_stats)
         return y
 
 
@@ -53,6 +55,8 @@ class RowParallelLinear(nn.Module):
     With `input_is_parallel` the input already holds this rank's slice of features (the output of
     a column-parallel layer). The bias is replicated and added once, after the reduction.
     """
+
+    comm_stats: CommStats | None = None  # see attach_comm_stats
 
     def __init__(
         self,
@@ -72,7 +76,7 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(F.linear(x, self.weight), self.group)
+        y = all_reduce(F.linear(x, self.weight), self.group, self.comm_stats)
         if self.bias is not None:
             y = y + self.bias
         return y
@@ -84,6 +88,8 @@ class VocabParallelEmbedding(nn.Module):
     Each rank looks up the ids inside its range, zeroes the rest, and the sum over ranks is the
     full embedding.
     """
+
+    comm_stats: CommStats | None = None  # see attach_comm_stats
 
     def __init__(
         self,
@@ -107,7 +113,7 @@ class VocabParallelEmbedding(nn.Module):
         inside = (ids >= self.start) & (ids < self.stop)
         local = torch.where(inside, ids - self.start, torch.zeros_like(ids))
         out = F.embedding(local, self.weight) * inside.unsqueeze(-1).to(self.weight.dtype)
-        return all_reduce(out, self.group)
+        return all_reduce(out, self.group, self.comm_stats)
 
 
 class ParallelLMHead(ColumnParallelLinear):
@@ -128,3 +134,10 @@ class ParallelLMHead(ColumnParallelLinear):
             dim, split_sizes(vocab_size, tp), tp_rank, group,
             bias=bias, gather_output=True, dtype=dtype,
         )
+
+
+def attach_comm_stats(model: nn.Module, stats: CommStats | None) -> None:
+    """Make every tp layer of `model` add its collectives' time to `stats` (None: stop)."""
+    for m in model.modules():
+        if isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
+            m.comm_stats = stats

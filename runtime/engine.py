@@ -122,7 +122,9 @@ class LLMEngine:
         if not work:  # everything preempted this step; next step re-admits
             return outputs
         self.last_step_kind = "prefill" if work[0].start_pos == 0 else "decode"
-        plan = StepPlan("run", work, self._take_finished(), self.microbatches)
+        tokens = sum(len(w.tokens) for w in work)
+        split = max(1, min(self.microbatches, tokens // max(1, self.cfg.min_microbatch_tokens)))
+        plan = StepPlan("run", work, self._take_finished(), split)
         self._broadcast(plan)
         result = self.runner.execute(plan)
         assert result is not None

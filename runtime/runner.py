@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel import ParallelContext
+from parallel.layers import attach_comm_stats
 from parallel.pipeline import recv_hidden, send_hidden
 from runtime.models.attention import AttentionBatch, KVCache
 from runtime.plan import SeqWork, StepPlan
@@ -52,10 +53,22 @@ class ModelRunner:
         self.ctx, self.model, self.caches = ctx, model, caches
         self.block_size, self.hidden_size, self.vocab_size = block_size, hidden_size, vocab_size
         self.sampler = Sampler() if ctx.rank == ctx.last_stage_leader else None
+        self.comm = ctx.comm_stats  # None unless a benchmark measures communication
+        if self.comm is not None:
+            attach_comm_stats(model, self.comm)
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
         """Run one plan. Returns (tokens, logits) on rank 0, None elsewhere."""
+        if self.comm is None:
+            return self._execute(plan)
+        self.comm.begin_step()
+        try:
+            return self._execute(plan)
+        finally:
+            self.comm.end_step(self.ctx.device)
+
+    @torch.inference_mode()
+    def _execute(self, plan: StepPlan) -> StepResult | None:
         if self.sampler is not None:
             for rid in plan.finished:
                 self.sampler.forget(rid)
@@ -67,6 +80,13 @@ class ModelRunner:
             if out is not None:
                 tokens += out[0]
                 logits += out[1]
+        if self.comm is None or not (pending or self.ctx.last_stage_leader != 0):
+            return self._finish(plan, tokens, logits, pending)
+        with self.comm.timed(torch.device("cpu")):  # host waits: sends, tokens to rank 0
+            return self._finish(plan, tokens, logits, pending)
+
+    def _finish(self, plan: StepPlan, tokens: list[int], logits: list[torch.Tensor | None],
+                pending: list[dist.Work]) -> StepResult | None:
         for work in pending:
             work.wait()
         return self._return_to_driver(plan, tokens, logits)
@@ -78,7 +98,7 @@ class ModelRunner:
             x = self.model(ids, None, batch, self.caches)
         else:
             shape = (*ids.shape, self.hidden_size)
-            hidden = recv_hidden(shape, dtype, ctx.prev_stage_rank, ctx.device)
+            hidden = recv_hidden(shape, dtype, ctx.prev_stage_rank, ctx.device, self.comm)
             x = self.model(None, hidden, batch, self.caches)  # (batch, seq, hidden)
         if not ctx.is_last_stage:
             pending.append(send_hidden(x, ctx.next_stage_rank))

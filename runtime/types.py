@@ -50,6 +50,9 @@ class EngineConfig:
     max_prefill_tokens: int = 4096  # tokens per prefill step
     max_model_len: int | None = None  # None: the model's max positions
     microbatches: int = 0  # pipeline micro-batches per step; 0: pp (when the batch allows)
+    # Split a step only when each micro-batch keeps at least this many new tokens: small decode
+    # steps are bound by reading the weights, which every extra micro-batch repeats.
+    min_microbatch_tokens: int = 32
     max_waiting: int = 1024  # queued requests beyond this are refused
 
 

@@ -84,7 +84,8 @@ class DynamicBatcher:
         return request.priority if 1 <= request.priority <= self._levels else self._default_level
 
     def enqueue(self, pending: Pending) -> None:
-        """Queue a request; raise ServingError("UNAVAILABLE") when its level's queue is full."""
+        """Queue a request; raise ServingError("RESOURCE_EXHAUSTED") when its level's queue is
+        full."""
         request = pending.request
         pending.level = level = self.level_of(request)
         policy = self._policies[level]
@@ -99,7 +100,7 @@ class DynamicBatcher:
                 raise ServingError("UNAVAILABLE", f"model '{self._name}' is unloading")
             queue = self._queues[level]
             if policy.max_queue_size > 0 and len(queue) >= policy.max_queue_size:
-                raise ServingError("UNAVAILABLE",
+                raise ServingError("RESOURCE_EXHAUSTED",
                                    f"Exceeds maximum queue size: model '{self._name}' priority "
                                    f"level {level} already holds {policy.max_queue_size} "
                                    "requests (max_queue_size)")

@@ -7,9 +7,13 @@ import argparse
 import asyncio
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from launcher.errors import CommandError
 from serving.types import ServingError
+
+if TYPE_CHECKING:
+    from serving.server import FrontOptions
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -29,9 +33,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--load-model", action="append", default=[], metavar="NAME",
                    help="explicit mode: load NAME at start ('*' for all); repeatable")
     p.add_argument("--workers", type=int, default=64, help="request-handling threads")
-    p.add_argument("--max-message-bytes", type=int, default=64 * 2**20)
+    p.add_argument("--max-message-bytes", type=int, default=64 * 2**20,
+                   help="largest gRPC message received or sent (bigger: RESOURCE_EXHAUSTED)")
     p.add_argument("--no-exit-on-error", dest="exit_on_error", action="store_false",
                    help="keep serving when a startup model fails to load")
+    _add_reliability_options(p)
     p.set_defaults(func=run_serve)
 
     repo = sub.add_parser("repo", help="model repository tools")
@@ -52,6 +58,45 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     a.set_defaults(func=run_repo_add)
 
 
+def _add_reliability_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--grpc-tls-cert", type=Path, metavar="PEM",
+                   help="serve gRPC over TLS with this certificate (needs --grpc-tls-key)")
+    p.add_argument("--grpc-tls-key", type=Path, metavar="PEM", help="the TLS private key")
+    p.add_argument("--auth-token", metavar="TOKEN",
+                   help="require 'authorization: Bearer TOKEN' on every RPC (default: "
+                   "$SHARDSERVE_AUTH_TOKEN; unset: no token)")
+    p.add_argument("--grace-period-s", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM/SIGINT, wait up to S seconds for in-flight requests")
+    p.add_argument("--max-inflight", type=int, default=1024, metavar="N",
+                   help="in-flight inference requests; more are refused (RESOURCE_EXHAUSTED)")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=4096, metavar="N",
+                   help="concurrent gRPC calls of any kind; more are refused by gRPC")
+
+
+def _front_options(args: argparse.Namespace, metrics: bool) -> FrontOptions:
+    from serving.security import auth_token
+    from serving.server import FrontOptions
+
+    if (args.grpc_tls_cert is None) != (args.grpc_tls_key is None):
+        raise CommandError("--grpc-tls-cert and --grpc-tls-key go together")
+    for flag in ("max_inflight", "max_concurrent_rpcs", "max_message_bytes", "workers"):
+        if getattr(args, flag) < 1:
+            raise CommandError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.grace_period_s < 0:
+        raise CommandError("--grace-period-s must be >= 0")
+    try:
+        token = auth_token(args.auth_token)
+    except ServingError as e:
+        raise CommandError(e.message) from None
+    return FrontOptions(
+        host=args.host, port=args.grpc_port, workers=args.workers,
+        max_message_bytes=args.max_message_bytes, exit_on_error=args.exit_on_error,
+        metrics_port=args.metrics_port if metrics else None,
+        poll_secs=args.repository_poll_secs, tls_cert=args.grpc_tls_cert,
+        tls_key=args.grpc_tls_key, auth_token=token, grace_period_s=args.grace_period_s,
+        max_inflight=args.max_inflight, max_concurrent_rpcs=args.max_concurrent_rpcs)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from serving.manager import ModelManager
     from serving.metrics import ServerMetrics
@@ -59,6 +104,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from serving.server import serve
 
     metrics = ServerMetrics() if args.allow_metrics else None
+    opts = _front_options(args, metrics is not None)
     try:
         manager = ModelManager(ModelRepository(args.model_repository), args.model_control_mode,
                                metrics=metrics)
@@ -69,10 +115,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if _launched_worker():  # a non-zero rank of a launched world: follow step plans, no front
         manager.load_startup(startup)
         return 0
-    return asyncio.run(serve(manager, args.host, args.grpc_port, startup, args.workers,
-                             args.max_message_bytes, args.exit_on_error,
-                             metrics_port=args.metrics_port if metrics else None,
-                             poll_secs=args.repository_poll_secs))
+    try:
+        return asyncio.run(serve(manager, startup, opts))
+    except ServingError as e:  # e.g. the port is taken or the TLS files are bad
+        raise CommandError(e.message) from None
 
 
 def _launched_worker() -> bool:

@@ -3,6 +3,7 @@ little-endian length-prefixed elements), checks against the model config, respon
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -49,6 +50,9 @@ def datatype_of(array: np.ndarray) -> str:
 # --- BYTES ------------------------------------------------------------------------------------
 def deserialize_bytes(raw: bytes, count: int, name: str) -> np.ndarray:
     """Split length-prefixed BYTES data into `count` elements; error on any malformed length."""
+    if count * 4 > len(raw):  # checked before allocating: a huge shape must not cost memory
+        raise ServingError("INVALID_ARGUMENT", f"input '{name}': {len(raw)} bytes cannot hold "
+                           f"{count} length-prefixed BYTES elements")
     out = np.empty(count, dtype=object)
     pos, view = 0, memoryview(raw)
     for i in range(count):
@@ -83,7 +87,7 @@ def _count(shape: Iterable[int], name: str) -> int:
     if any(d < 0 for d in shape):
         raise ServingError("INVALID_ARGUMENT", f"input '{name}': negative dimension in shape "
                            f"{shape}")
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+    return math.prod(shape)  # Python ints: a huge shape cannot overflow into a small count
 
 
 def _from_raw(raw: bytes, datatype: str, shape: list[int], name: str) -> np.ndarray:
@@ -218,12 +222,21 @@ def to_infer_request(request: pb.ModelInferRequest, config: mc.ModelConfig, vers
     check_inputs(config, request)
     outputs = check_outputs(config, request)
     params = {k: param_value(v) for k, v in request.parameters.items()}
-    priority = params.get("priority", 0)
-    timeout = params.get("timeout", 0)
     return InferRequest(model_name=config.name, model_version=version,
                         inputs=decode_inputs(request), id=request.id, requested_outputs=outputs,
-                        parameters=params, priority=int(priority or 0),
-                        timeout_us=int(timeout or 0), unary=unary)
+                        parameters=params, priority=_int_param(params, "priority"),
+                        timeout_us=_int_param(params, "timeout"), unary=unary)
+
+
+def _int_param(params: Mapping[str, Any], key: str) -> int:
+    """A non-negative integer request parameter (0 when absent)."""
+    value = params.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ServingError("INVALID_ARGUMENT", f"request parameter '{key}' must be a "
+                           f"non-negative integer, got {value!r}")
+    return value
 
 
 # --- responses --------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from serving.backends import create_model
 from serving.ensemble import ManagerResolver
 from serving.metrics import ServerMetrics
 from serving.repository import ModelRepository, select_versions
+from serving.security import check_model_files, check_model_folder
 from serving.types import Backend, InferRequest, InferResponse, ResponseSink, ServingError
 
 log = logging.getLogger(__name__)
@@ -154,10 +155,12 @@ class ModelManager:
 
     def _load_versions(self, name: str, cfg: mc.ModelConfig) -> dict[int, LoadedVersion]:
         model_dir = self.repository.model_dir(name)
+        check_model_folder(model_dir, self.repository.root)
         versions = select_versions(cfg, self.repository.versions(name))
         loaded: dict[int, LoadedVersion] = {}
         try:
             for v in versions:
+                check_model_files(cfg, model_dir, v, self.repository.root)
                 backend = self.factory(cfg, model_dir, v)
                 backend.load()
                 loaded[v] = LoadedVersion(v, backend)

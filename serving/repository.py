@@ -29,7 +29,8 @@ class ModelRepository:
                                "digits, '_', '-' and '.' (no path separators)")
         path = (self.root / name).resolve()
         if path.parent != self.root:
-            raise ServingError("INVALID_ARGUMENT", f"model name {name!r} leaves the repository")
+            raise ServingError("INVALID_ARGUMENT", f"model name {name!r} resolves outside the "
+                               f"repository {self.root}")
         return path
 
     def names(self) -> list[str]:

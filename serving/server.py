@@ -12,6 +12,8 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,6 +23,13 @@ from tritonclient.grpc import service_pb2_grpc
 from serving.config import parse_json_config, validate_config
 from serving.convert import config_datatype, param_value, to_infer_request, to_infer_response
 from serving.manager import LoadedVersion, ModelManager
+from serving.security import (
+    BearerTokenInterceptor,
+    Undecodable,
+    add_service,
+    check_override,
+    server_credentials,
+)
 from serving.types import InferRequest, InferResponse, ServingError
 
 log = logging.getLogger(__name__)
@@ -34,6 +43,52 @@ _CHECK = object()  # stream queue marker: a request finished or reading ended
 
 def status_of(error: ServingError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, error.status, grpc.StatusCode.INTERNAL)
+
+
+def too_big(msg: Any, limit: int) -> ServingError | None:
+    """RESOURCE_EXHAUSTED for a response over the send limit (gRPC would fail it anyway, with
+    a message that does not say why)."""
+    size = msg.ByteSize()
+    if size <= limit:
+        return None
+    return ServingError("RESOURCE_EXHAUSTED", f"the response is {size} bytes, more than "
+                        f"the server's --max-message-bytes {limit}")
+
+
+class Admission:
+    """Counts in-flight inference requests (on the event loop only): past `limit` new ones are
+    refused with RESOURCE_EXHAUSTED, and once draining (SIGTERM) with UNAVAILABLE, while
+    shutdown waits for the count to reach zero. Tickets make `leave` idempotent."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.draining = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._tickets: set[int] = set()
+        self._next = itertools.count(1)
+
+    @property
+    def count(self) -> int:
+        return len(self._tickets)
+
+    def enter(self) -> int:
+        """A ticket for one request, or ServingError when it must be refused."""
+        if self.draining:
+            raise ServingError("UNAVAILABLE", "shardserve is shutting down and accepts no new "
+                               "requests")
+        if len(self._tickets) >= self.limit:
+            raise ServingError("RESOURCE_EXHAUSTED", f"the server already has {self.count} "
+                               f"requests in flight (--max-inflight {self.limit}); retry later")
+        ticket = next(self._next)
+        self._tickets.add(ticket)
+        self.idle.clear()
+        return ticket
+
+    def leave(self, ticket: int) -> None:
+        self._tickets.discard(ticket)
+        if not self._tickets:
+            self.idle.set()
 
 
 class _UnarySink:
@@ -53,9 +108,10 @@ class _StreamSink:
     """Encodes one stream request's responses (in the sender's thread) and queues them."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, out: asyncio.Queue,
-                 finished: Callable[[], None], request: InferRequest, decoupled: bool) -> None:
+                 finished: Callable[[], None], request: InferRequest, decoupled: bool,
+                 max_bytes: int = 64 * 2**20) -> None:
         self.loop, self.out, self.finished = loop, out, finished
-        self.request, self.decoupled = request, decoupled
+        self.request, self.decoupled, self.max_bytes = request, decoupled, max_bytes
         self.empty_final = bool(request.parameters.get(EMPTY_FINAL, False))
 
     def _encode(self, response: InferResponse | None, final: bool
@@ -71,7 +127,11 @@ class _StreamSink:
         params = {FINAL: final} if self.decoupled else None
         msg = to_infer_response(response or InferResponse(), r.model_name, r.model_version,
                                 r.id, r.requested_outputs, params)
-        return pb.ModelStreamInferResponse(infer_response=msg)
+        wrapped = pb.ModelStreamInferResponse(infer_response=msg)
+        error = too_big(wrapped, self.max_bytes)
+        if error is not None:
+            raise error
+        return wrapped
 
     def _deliver(self, msg: pb.ModelStreamInferResponse | None, final: bool) -> None:
         if msg is not None:
@@ -83,7 +143,10 @@ class _StreamSink:
         try:
             msg = self._encode(response, final)
         except ServingError as e:
-            msg = pb.ModelStreamInferResponse(error_message=e.message)
+            r = self.request
+            head = pb.ModelInferResponse(model_name=r.model_name, model_version=r.model_version,
+                                         id=r.id)
+            msg = pb.ModelStreamInferResponse(error_message=e.message, infer_response=head)
         try:
             self.loop.call_soon_threadsafe(self._deliver, msg, final)
         except RuntimeError:
@@ -93,10 +156,13 @@ class _StreamSink:
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     """Every RPC of the KServe v2 gRPC protocol that this server supports."""
 
-    def __init__(self, manager: ModelManager, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, manager: ModelManager, pool: ThreadPoolExecutor,
+                 max_inflight: int = 1024, max_message_bytes: int = 64 * 2**20) -> None:
         self.manager = manager
         self.pool = pool
+        self.max_message_bytes = max_message_bytes
         self.started = False  # startup models loaded
+        self.admission = Admission(max_inflight)
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -106,7 +172,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):  # noqa: N802
-        ok = self.started and self.manager.failure() is None and self.manager.all_ready()
+        ok = (self.started and not self.admission.draining and self.manager.failure() is None
+              and self.manager.all_ready())
         return pb.ServerReadyResponse(ready=ok)
 
     async def ModelReady(self, request, context):  # noqa: N802
@@ -150,6 +217,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryIndexResponse(models=self.manager.index(request.ready))
 
     def _check_control(self, repository_name: str) -> None:
+        if self.admission.draining:
+            raise ServingError("UNAVAILABLE", "shardserve is shutting down")
         if self.manager.control_mode != "explicit":
             raise ServingError("UNAVAILABLE", "model control mode is 'none': start the server "
                                "with --model-control-mode explicit to load and unload models")
@@ -164,9 +233,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         config = None
         if "config" in params:
             where = f"load parameter 'config' of '{request.model_name}'"
-            self.manager.repository.model_dir(request.model_name)
+            repo = self.manager.repository
+            model_dir = repo.model_dir(request.model_name)
             config = validate_config(parse_json_config(str(params["config"]), where),
                                      request.model_name, where)
+            on_disk = repo.config(request.model_name) if repo.exists(request.model_name) else None
+            check_override(config, on_disk, model_dir, repo.root)
         self.manager.load(request.model_name, config)
 
     async def RepositoryModelLoad(self, request, context):  # noqa: N802
@@ -190,8 +262,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     # --- inference --------------------------------------------------------------------------
     def _prepare(self, request: pb.ModelInferRequest, unary: bool
                  ) -> tuple[LoadedVersion, InferRequest, bool]:
-        st, lv = self.manager.get(request.model_name, request.model_version)
-        req = to_infer_request(request, st.config, str(lv.version), unary)
+        try:
+            st, lv = self.manager.get(request.model_name, request.model_version)
+            req = to_infer_request(request, st.config, str(lv.version), unary)
+        except ServingError:
+            raise
+        except Exception as e:  # a decoding bug must answer, not kill the RPC with UNKNOWN
+            log.exception("decoding a request for model %r failed", request.model_name)
+            raise ServingError("INTERNAL", f"cannot decode the request: {type(e).__name__}: "
+                               f"{e}") from e
         return lv, req, st.config.model_transaction_policy.decoupled
 
     def _prepare_submit(self, request: pb.ModelInferRequest, make_sink: Callable[..., Any]
@@ -202,6 +281,17 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return req
 
     async def ModelInfer(self, request, context):  # noqa: N802
+        try:
+            ticket = self.admission.enter()
+        except ServingError as e:
+            await context.abort(status_of(e), e.message)
+        try:
+            return await self._infer(request, context)
+        finally:
+            self.admission.leave(ticket)
+
+    async def _infer(self, request: pb.ModelInferRequest, context: Any
+                     ) -> pb.ModelInferResponse:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         try:
@@ -226,55 +316,95 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                                  f"{len(responses)} responses; use ModelStreamInfer for it")
         if error is not None:
             await context.abort(status_of(error), error.message)
-        return to_infer_response(responses[0], req.model_name, req.model_version, req.id,
-                                 req.requested_outputs)
+        msg = to_infer_response(responses[0], req.model_name, req.model_version, req.id,
+                                req.requested_outputs)
+        error = too_big(msg, self.max_message_bytes)
+        if error is not None:
+            await context.abort(status_of(error), error.message)
+        return msg
 
     async def ModelStreamInfer(self, request_iterator, context  # noqa: N802
                                ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        out: asyncio.Queue = asyncio.Queue()
-        live: dict[int, InferRequest] = {}
-        reading = [True]
-        reader = asyncio.create_task(self._read_stream(request_iterator, out, live, reading))
+        stream = _Stream(asyncio.get_running_loop(), self.admission, self.max_message_bytes)
+        reader = asyncio.create_task(self._read_stream(request_iterator, stream))
         try:
             while True:
-                item = await out.get()
+                item = await stream.out.get()
                 if item is _CHECK:
-                    if not reading[0] and not live:
+                    # the state may already be ahead of the queue: end only once every queued
+                    # response has gone out (a final response is followed by its own _CHECK)
+                    if not stream.reading and not stream.tickets and stream.out.empty():
                         break
                     continue
                 yield item
         finally:
             reader.cancel()
-            for req in list(live.values()):
-                req.cancelled.set()
+            stream.close()
 
     async def _read_stream(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
-                           out: asyncio.Queue, live: dict[int, InferRequest],
-                           reading: list[bool]) -> None:
-        loop = asyncio.get_running_loop()
+                           stream: _Stream) -> None:
         keys = itertools.count()
         try:
             async for request in request_iterator:
                 key = next(keys)
-
-                def finished(key: int = key) -> None:
-                    live.pop(key, None)
-                    out.put_nowait(_CHECK)
-
-                def make_sink(req: InferRequest, decoupled: bool, key: int = key,
-                              finished: Callable[[], None] = finished) -> _StreamSink:
-                    live[key] = req  # from the pool thread, before submit can answer
-                    return _StreamSink(loop, out, finished, req, decoupled)
-
+                if isinstance(request, Undecodable):
+                    stream.out.put_nowait(pb.ModelStreamInferResponse(
+                        error_message=request.message))
+                    continue
                 try:
-                    await self._run(self._prepare_submit, request, make_sink)
+                    stream.admit(key)
+                    await self._run(self._prepare_submit, request,
+                                    lambda r, d, key=key: stream.sink(key, r, d))
                 except ServingError as e:
+                    if key not in stream.live:  # refused before a sink existed
+                        stream.finished(key)
                     head = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
-                    out.put_nowait(pb.ModelStreamInferResponse(error_message=e.message,
-                                                               infer_response=head))
+                    stream.out.put_nowait(pb.ModelStreamInferResponse(error_message=e.message,
+                                                                      infer_response=head))
         finally:
-            reading[0] = False
-            out.put_nowait(_CHECK)
+            stream.reading = False
+            stream.out.put_nowait(_CHECK)
+
+
+class _Stream:
+    """One ModelStreamInfer call: its outgoing queue and its admitted requests."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, admission: Admission,
+                 max_bytes: int) -> None:
+        self.loop, self.admission, self.max_bytes = loop, admission, max_bytes
+        self.out: asyncio.Queue = asyncio.Queue()
+        self.tickets: dict[int, int] = {}  # request key -> admission ticket (loop only)
+        self.live: dict[int, InferRequest] = {}  # requests handed to a backend
+        self.reading = True
+        self.closed = False
+
+    def admit(self, key: int) -> None:
+        self.tickets[key] = self.admission.enter()
+
+    def finished(self, key: int) -> None:
+        """On the loop, when request `key` got its final response (or was refused)."""
+        self.live.pop(key, None)
+        ticket = self.tickets.pop(key, None)
+        if ticket is not None:
+            self.admission.leave(ticket)
+        self.out.put_nowait(_CHECK)
+
+    def sink(self, key: int, req: InferRequest, decoupled: bool) -> _StreamSink:
+        """Called from the pool thread before the request is submitted."""
+        self.live[key] = req
+        if self.closed:
+            req.cancelled.set()
+        return _StreamSink(self.loop, self.out, lambda: self.finished(key), req, decoupled,
+                           self.max_bytes)
+
+    def close(self) -> None:
+        """The call ended: cancel what is still running and release its admission."""
+        self.closed = True
+        for req in list(self.live.values()):
+            req.cancelled.set()
+        for ticket in self.tickets.values():
+            self.admission.leave(ticket)
+        self.tickets.clear()
 
 
 # --- running the server -------------------------------------------------------------------------
@@ -331,48 +461,109 @@ class _Extras:
             self.metrics_server.stop()
 
 
-async def serve(manager: ModelManager, host: str, port: int, startup: list[str] | None,
-                workers: int = 64, max_message_bytes: int = 64 * 2**20,
-                exit_on_error: bool = True, metrics_port: int | None = None,
-                poll_secs: float = 15.0) -> int:
-    """Serve until SIGINT/SIGTERM (0) or a fatal model failure (1). Health answers while the
-    startup models load; the "ready" line is logged once they have."""
+@dataclass
+class FrontOptions:
+    """How the gRPC front listens, whom it lets in and how it shuts down."""
+
+    host: str = "127.0.0.1"
+    port: int = 8001
+    workers: int = 64
+    max_message_bytes: int = 64 * 2**20
+    exit_on_error: bool = True
+    metrics_port: int | None = None
+    poll_secs: float = 15.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    auth_token: str | None = None
+    grace_period_s: float = 30.0
+    max_inflight: int = 1024
+    max_concurrent_rpcs: int = 4096
+
+
+def _grpc_server(servicer: InferenceServicer, opts: FrontOptions) -> tuple[Any, int]:
+    """A grpc.aio server with explicit message-size and concurrency limits, TLS and the token
+    check when configured; returns it with the bound port."""
+    options = [("grpc.max_receive_message_length", opts.max_message_bytes),
+               ("grpc.max_send_message_length", opts.max_message_bytes)]
+    interceptors = [BearerTokenInterceptor(opts.auth_token)] if opts.auth_token else []
+    server = grpc.aio.server(options=options, interceptors=interceptors,
+                             maximum_concurrent_rpcs=opts.max_concurrent_rpcs)
+    add_service(service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, server)
+    address = f"{opts.host}:{opts.port}"
+    if (opts.tls_cert is None) != (opts.tls_key is None):
+        raise ServingError("INVALID_ARGUMENT", "TLS needs both --grpc-tls-cert and "
+                           "--grpc-tls-key")
+    if opts.tls_cert is not None and opts.tls_key is not None:
+        bound = server.add_secure_port(address, server_credentials(opts.tls_cert,
+                                                                   opts.tls_key))
+    else:
+        bound = server.add_insecure_port(address)
+    if not bound:
+        raise ServingError("UNAVAILABLE", f"cannot listen on {address}")
+    return server, bound
+
+
+async def _drain(admission: Admission, stop: asyncio.Event, grace_s: float) -> None:
+    """Refuse new requests and wait (up to grace_s, or until a second signal) for the
+    in-flight ones to finish."""
+    admission.draining = True
+    stop.clear()
+    log.info("shutting down: no new requests; waiting up to %.0fs for %d in flight",
+             grace_s, admission.count)
+    idle = asyncio.ensure_future(admission.idle.wait())
+    again = asyncio.ensure_future(stop.wait())
+    done, pending = await asyncio.wait({idle, again}, timeout=grace_s,
+                                       return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    if idle in done:
+        log.info("in-flight requests finished")
+    else:
+        log.warning("grace period over (%s): cancelling %d requests still in flight",
+                    "second signal" if again in done else f"{grace_s:.0f}s", admission.count)
+
+
+async def serve(manager: ModelManager, startup: list[str] | None,
+                opts: FrontOptions | None = None) -> int:
+    """Serve until SIGINT/SIGTERM (0, after draining in-flight requests) or a fatal model
+    failure (1). Health answers while the startup models load; the "ready" line is logged once
+    they have."""
     import signal
 
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="shardserve")
-    options = [("grpc.max_receive_message_length", max_message_bytes),
-               ("grpc.max_send_message_length", max_message_bytes)]
-    server = grpc.aio.server(options=options)
-    servicer = InferenceServicer(manager, pool)
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if not bound:
-        raise ServingError("UNAVAILABLE", f"cannot listen on {host}:{port}")
+    opts = opts or FrontOptions()
+    pool = ThreadPoolExecutor(opts.workers, thread_name_prefix="shardserve")
+    servicer = InferenceServicer(manager, pool, opts.max_inflight, opts.max_message_bytes)
+    server, bound = _grpc_server(servicer, opts)
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     code = 0
-    extras = _Extras(manager, host, metrics_port, poll_secs)
+    extras = _Extras(manager, opts.host, opts.metrics_port, opts.poll_secs)
     try:
         extras.start_metrics()
         failed = await loop.run_in_executor(pool, manager.load_startup, startup)
         for line in failed:
             log.error("startup load failed: %s", line)
-        if failed and exit_on_error:
+        if failed and opts.exit_on_error:
             return 1
         servicer.started = True
         extras.start_poller()
         names = [m.name for m in manager.index(ready_only=True)]
-        log.info("shardserve ready: gRPC on %s:%d, models %s", host, bound, sorted(set(names)))
+        log.info("shardserve ready: gRPC on %s:%d%s, models %s", opts.host, bound,
+                 " (TLS)" if opts.tls_cert else "", sorted(set(names)))
         why = await _watch(manager, stop)
         if why:
             log.error("fatal: %s; shutting down", why)
             code = 1
+        else:
+            await _drain(servicer.admission, stop, opts.grace_period_s)
     finally:
+        servicer.admission.draining = True
         extras.stop()
-        await server.stop(grace=2.0)
+        await server.stop(grace=1.0)
         await loop.run_in_executor(pool, manager.close)
         pool.shutdown(wait=False, cancel_futures=True)
+    log.info("shardserve stopped (exit %d)", code)
     return code

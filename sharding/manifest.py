@@ -34,9 +34,11 @@ def rank_file_name(pp_rank: int, tp_rank: int) -> str:
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
+    buf = bytearray(HASH_CHUNK)  # reused: no fresh memory to fault in per chunk
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 

@@ -8,6 +8,8 @@ tensor whatever the checkpoint size.
 from __future__ import annotations
 
 import hashlib
+import mmap
+import os
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -27,9 +29,11 @@ TOKENIZER_FILES = (
 class TensorSource(Protocol):
     """What the writer needs from a checkpoint: names, shapes, dtypes and (cut) reads.
 
-    `read_into(name, buf)` returns the full tensor as a view of the front of the uint8 buffer
-    `buf` (large enough for it), so a streaming reader can reuse a few buffers instead of
-    allocating (and page-faulting) fresh memory for every tensor.
+    `read_into(name, buf)` returns the full tensor, contiguous: either a view of the front of
+    the uint8 buffer `buf` (large enough for it), so a streaming reader can reuse a few buffers
+    instead of allocating (and page-faulting) fresh memory for every tensor, or a view of a
+    private memory map of just that tensor's bytes, unmapped when the tensor is freed (then `buf`
+    is never touched, so it costs no resident memory).
     """
 
     path: Path
@@ -110,15 +114,18 @@ class HFSource:
         return cut_tensor(full, cut) if cut is not None else full
 
     def read_into(self, name: str, buf: torch.Tensor) -> torch.Tensor:
-        """The full tensor `name` as a view of uint8 buffer `buf` (see TensorSource)."""
+        """The full tensor `name`: a memory-mapped view of a safetensors file's bytes, or (a
+        `.bin` tensor) a copy into uint8 buffer `buf` (see TensorSource)."""
         if name not in self._info:
             t = self._ckpt.read(name)
             out = buf[: t.numel() * t.element_size()].view(t.dtype).reshape(t.shape)
             return out.copy_(t)
         f, info = self._info[name]
+        if info.stop == info.start:
+            return torch.empty(info.shape, dtype=info.dtype)
         try:
-            return read_tensor(self._handle(f), info, buf=buf)
-        except OSError as e:
+            return map_tensor(self._handle(f), info)
+        except (OSError, ValueError) as e:
             raise CheckpointError(f"{f}: cannot read tensor {name} ({e})") from e
 
     def identity(self) -> dict[str, Any]:
@@ -135,3 +142,18 @@ class HFSource:
         for h in self._handles.values():
             h.close()
         self._handles.clear()
+
+
+def map_tensor(f: BinaryIO, info: TensorInfo) -> torch.Tensor:
+    """A tensor over a private (copy-on-write) memory map of just its bytes in open file `f`;
+    the map lives as long as the tensor. The file size is checked first: touching a mapped
+    page past the end of a file that shrank would kill the process with SIGBUS."""
+    size = os.fstat(f.fileno()).st_size
+    if size < info.stop:
+        raise OSError(f"file is {size} bytes, tensor ends at {info.stop} (truncated?)")
+    base = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+    window = mmap.mmap(f.fileno(), info.stop - base, access=mmap.ACCESS_COPY, offset=base)
+    window.madvise(mmap.MADV_WILLNEED)  # read-ahead when the file is not in the page cache
+    count = (info.stop - info.start) // info.dtype.itemsize
+    flat = torch.frombuffer(window, dtype=info.dtype, count=count, offset=info.start - base)
+    return flat.reshape(info.shape)

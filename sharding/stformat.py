@@ -58,20 +58,41 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise FormatError(f"{path}: truncated (no safetensors header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise FormatError(f"{path}: corrupt safetensors header length {n}")
-            raw = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            n = _header_length(path, f.read(8), size)
+            body = f.read(n)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read safetensors header ({e})") from e
+    return _parse_header(path, body, size)
+
+
+def parse_header(path: Path, data: Any) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """`read_header` of a whole file already in memory (bytes, memoryview or mmap) named
+    `path`, so that the table is read from exactly the bytes that were checked."""
+    size = len(data)
+    n = _header_length(path, bytes(data[:8]), size)
+    return _parse_header(path, bytes(data[8: 8 + n]), size)
+
+
+def _header_length(path: Path, head: bytes, size: int) -> int:
+    if len(head) < 8:
+        raise FormatError(f"{path}: truncated (no safetensors header)")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER or 8 + n > size:
+        raise FormatError(f"{path}: corrupt safetensors header length {n}")
+    return int(n)
+
+
+def _parse_header(path: Path, body: bytes,
+                  size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    try:
+        raw = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{path}: cannot read safetensors header ({e})") from e
     if not isinstance(raw, dict):
         raise FormatError(f"{path}: safetensors header is not a JSON object")
     meta = raw.pop("__metadata__", None) or {}
     tensors: dict[str, TensorInfo] = {}
-    base = 8 + n
+    base = 8 + len(body)
     for name, info in raw.items():
         try:
             dtype = ST_DTYPES[info["dtype"]]
@@ -79,7 +100,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             a, b = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"{path}: bad header entry for {name} ({e!r})") from e
-        if b - a != nbytes(shape, dtype) or base + b > size:
+        if b - a != nbytes(shape, dtype) or a < 0 or base + b > size:
             raise FormatError(f"{path}: tensor {name} lies outside the file (truncated?)")
         tensors[name] = TensorInfo(dtype, shape, base + a, base + b)
     return tensors, meta

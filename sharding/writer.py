@@ -1,9 +1,10 @@
 """Streaming shard writer: one pass over a `TensorSource`, one rank file per (pp, tp) rank.
 
 Every rank file's header is computed up front (shapes and dtypes are known before any byte is
-read), then each source tensor is read once, cut per rank, converted in small row chunks and
-appended to the rank files while their sha256 is updated. Peak memory stays near the largest
-source tensor. Output goes to a temporary sibling folder renamed into place at the very end.
+read), then each source tensor is visited once (memory-mapped, or read into a reused buffer), cut
+per rank, converted in small row chunks when needed and appended to the rank files while their
+sha256 is updated. Peak memory stays near the largest source tensor. Output goes to a temporary
+sibling folder renamed into place at the very end.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +27,15 @@ import torch
 from sharding.manifest import Manifest, RankFile, ShardError, rank_file_name
 from sharding.plan import Entry, Plan, make_plan
 from sharding.sources import TOKENIZER_FILES, TensorSource
-from sharding.stformat import header_bytes, tensor_bytes
+from sharding.stformat import header_bytes, nbytes, tensor_bytes
 
-CHUNK_BYTES = 8 * 1024 * 1024
-# Reading the next tensor while the last one is written needs a second buffer; above this size
-# it would break the memory budget (1.5 x largest tensor + 500 MB), so big tensors go one by one.
+# Rows gathered at a time for column cuts / dtype conversions, and bytes hashed then written at
+# a time: small enough that what was just gathered or hashed is still in the CPU cache.
+CHUNK_BYTES = 1024 * 1024
+IO_BYTES = 1024 * 1024
+# Mapping (or reading) the next tensor while the last one is written holds two tensors in memory;
+# above this size that would break the budget (1.5 x largest tensor + 500 MB), so big tensors go
+# one by one.
 PREFETCH_MAX_BYTES = 256 * 1024 * 1024
 
 DTYPES: dict[str, torch.dtype] = {
@@ -92,7 +97,11 @@ class Progress:
 
 
 class RankWriter:
-    """Appends the planned tensors of one rank, in order, to its file and hashes the bytes."""
+    """Appends the planned tensors of one rank, in order, to its file and hashes the bytes.
+
+    Same-dtype whole tensors and row (dim-0) slices are hashed and written straight from the
+    source tensor's memory (a memory map of the source file: no copy in user space); column
+    cuts and dtype conversions are gathered row chunk by row chunk into one reused buffer."""
 
     def __init__(self, path: Path, pp_rank: int, tp_rank: int, entries: list[Entry]) -> None:
         import hashlib
@@ -103,25 +112,49 @@ class RankWriter:
         self.path, self.pp_rank, self.tp_rank = path, pp_rank, tp_rank
         self.entries = entries
         self.expected = len(header) + (offsets[-1][1] if offsets else 0)
-        self.hash = hashlib.sha256(header)
-        self.file: BinaryIO = open(path, "wb")
-        self.file.write(header)
-        self.written = len(header)
+        self.hash = hashlib.sha256()
+        self.file: BinaryIO = open(path, "wb", buffering=0)
+        self.staging = torch.empty(0, dtype=torch.uint8)
+        self.written = 0
+        self._emit(memoryview(header))
         self.next = 0
 
+    def _emit(self, data: memoryview) -> None:
+        """Hash and append `data`, a piece at a time (hashlib and write release the GIL, so the
+        rank threads run on all cores; the piece just hashed is still in cache for the write)."""
+        for off in range(0, len(data), IO_BYTES):
+            piece = data[off: off + IO_BYTES]
+            self.hash.update(piece)
+            while piece:
+                n = self.file.write(piece)
+                if not n:
+                    raise OSError(f"{self.path}: write made no progress")
+                piece = piece[n:]
+        self.written += len(data)
+
     def write_tensor(self, entry: Entry, full: torch.Tensor) -> int:
-        """Append `entry`'s slice of `full`; returns the payload bytes written."""
+        """Append `entry`'s slice of `full` (contiguous); returns the payload bytes written."""
         if self.entries[self.next] is not entry:
             raise RuntimeError(f"{self.path}: tensors out of order at {entry.name}")
         self.next += 1
-        n = 0
-        for chunk in cut_chunks(full, entry):
-            data = tensor_bytes(chunk)
-            self.file.write(data)
-            self.hash.update(data)
-            n += len(data)
-        self.written += n
-        return n
+        before = self.written
+        if full.dtype == entry.dtype and (entry.cut.dim in (None, 0) or full.dim() == 0):
+            flat = tensor_bytes(full.contiguous())
+            if entry.cut.dim is None or full.dim() == 0:
+                self._emit(flat)
+            else:
+                row = len(flat) // max(full.shape[0], 1)
+                for a, b in entry.cut.pieces:
+                    self._emit(flat[a * row: b * row])
+        else:
+            for chunk in cut_chunks(full, entry, self._staging):
+                self._emit(tensor_bytes(chunk))
+        return self.written - before
+
+    def _staging(self, nbytes: int) -> torch.Tensor:
+        if self.staging.numel() < nbytes:
+            self.staging = torch.empty(nbytes, dtype=torch.uint8)
+        return self.staging[:nbytes]
 
     def close(self) -> RankFile:
         self.file.close()
@@ -131,26 +164,33 @@ class RankWriter:
                         self.hash.hexdigest(), len(self.entries))
 
 
-def cut_chunks(full: torch.Tensor, entry: Entry) -> Iterator[torch.Tensor]:
+def cut_chunks(full: torch.Tensor, entry: Entry,
+               buffer: Callable[[int], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
     """`cut_tensor(full, entry.cut).to(entry.dtype)` as contiguous row chunks of bounded size,
-    so neither the cut nor the dtype conversion ever copies a whole large tensor."""
+    so neither the cut nor the dtype conversion ever copies a whole large tensor. Each chunk is
+    gathered into `buffer(nbytes)` (reused: a chunk is valid until the next one is made)."""
     cut = entry.cut
+    get = buffer or (lambda n: torch.empty(n, dtype=torch.uint8))
     if full.dim() == 0:
-        yield full.reshape(1).to(entry.dtype).contiguous()
-        return
-    if cut.dim == 0:
-        blocks = [full.narrow(0, a, b - a) for a, b in cut.pieces]
-    else:
-        blocks = [full]
+        full = full.reshape(1)
+    blocks = [full.narrow(0, a, b - a) for a, b in cut.pieces] if cut.dim == 0 else [full]
     row_elems = max(1, full[0].numel() if full.shape[0] else 1)
     step = max(1, CHUNK_BYTES // (row_elems * max(full.element_size(), entry.dtype.itemsize)))
     for block in blocks:
         for r in range(0, block.shape[0], step):
             part = block.narrow(0, r, min(step, block.shape[0] - r))
+            shape = list(part.shape)
             if cut.dim is not None and cut.dim > 0:
-                part = torch.cat([part.narrow(cut.dim, a, b - a) for a, b in cut.pieces],
-                                 dim=cut.dim)
-            yield part.to(entry.dtype).contiguous()
+                shape[cut.dim] = sum(b - a for a, b in cut.pieces)
+            out = get(nbytes(shape, entry.dtype)).view(entry.dtype).reshape(shape)
+            if cut.dim is not None and cut.dim > 0:
+                at = 0
+                for a, b in cut.pieces:
+                    out.narrow(cut.dim, at, b - a).copy_(part.narrow(cut.dim, a, b - a))
+                    at += b - a
+            else:
+                out.copy_(part)
+            yield out
 
 
 def _check_out(out: Path, source_path: Path, force: bool) -> None:
@@ -176,9 +216,9 @@ def _drain(futures: list[Future[int]], progress: Progress) -> None:
 
 
 def _stream(source: TensorSource, plan: Plan, tmp: Path, progress: Progress) -> list[RankFile]:
-    """Read each tensor once (into one of two reused buffers, or one when tensors are big) while
-    per-rank threads cut, convert, write and hash the previous one; a rank's tensors are written
-    in plan order."""
+    """Get each tensor once (mapped, or read into one of two reused buffers, one when tensors are
+    big; buffers a mapping source never touches cost no memory) while per-rank threads cut,
+    convert, hash and write the previous one; a rank's tensors are written in plan order."""
     tp = plan.rules.tp
     writers = [RankWriter(tmp / rank_file_name(p, t), p, t, plan.ranks[p * tp + t])
                for p in range(plan.rules.pp) for t in range(tp)]

@@ -21,3 +21,13 @@ def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory):
         return made[arch]
 
     return get
+
+
+@pytest.fixture
+def client(server):
+    """A tritonclient gRPC client of the module's `server` fixture."""
+    import tritonclient.grpc as grpcclient
+
+    c = grpcclient.InferenceServerClient(server.url)
+    yield c
+    c.close()

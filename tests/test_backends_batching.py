@@ -124,7 +124,7 @@ def test_queue_full_is_rejected_with_clear_status(tmp_path):
     queued = [_send(backend) for _ in range(2)]
     rejected = _send(backend)
     err = rejected.error(timeout=1)
-    assert err.status == "UNAVAILABLE" and "max_queue_size" in err.message
+    assert err.status == "RESOURCE_EXHAUSTED" and "max_queue_size" in err.message
     assert _batch(running) == 1 and all(_batch(s) == 1 for s in queued)
     backend.unload()
 

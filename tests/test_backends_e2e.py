@@ -84,13 +84,6 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     assert srv.stop() == 0, srv.text()
 
 
-@pytest.fixture
-def client(server: Server):
-    c = grpcclient.InferenceServerClient(server.url)
-    yield c
-    c.close()
-
-
 def test_python_model_unchanged_from_triton(client) -> None:
     a, b = np.random.rand(4).astype(np.float32), np.random.rand(4).astype(np.float32)
     result = client.infer("add_sub", [infer_input("INPUT0", a, "FP32"),
@@ -164,7 +157,7 @@ def _wait_pending(server: Server, model: str, count: int, timeout_s: float = 10.
     raise AssertionError(f"queue of {model} never held {count} requests")
 
 
-def test_queue_limit_rejects_with_unavailable(server) -> None:
+def test_queue_limit_rejects_with_resource_exhausted(server) -> None:
     errors: list[str] = []
     lock = threading.Lock()
 
@@ -178,7 +171,7 @@ def test_queue_limit_rejects_with_unavailable(server) -> None:
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(one, range(4)))
     assert len(errors) == 2, errors  # one runs, one waits, two find the queue full
-    assert all("UNAVAILABLE" in e and "max_queue_size" in e for e in errors), errors
+    assert all("RESOURCE_EXHAUSTED" in e and "max_queue_size" in e for e in errors), errors
 
 
 def test_metrics_follow_triton_names(server, client) -> None:

@@ -14,8 +14,8 @@ PROMPTS = [[3, 5, 7, 9, 11], [11, 12], [100, 4, 6, 8, 10, 12, 14], [20, 21, 22]]
 @pytest.fixture(scope="module")
 def engine_2x2(checkpoint_dir):
     """A tp=2, pp=2 llama engine shared by this module's tests (small KV cache: 24 blocks of 4)."""
-    local = start_local_engine(EngineSpec(str(checkpoint_dir("llama")), 2, 2, "fp32",
-                                          EngineConfig(block_size=4, num_blocks=24)))
+    cfg = EngineConfig(block_size=4, num_blocks=24, min_microbatch_tokens=1)
+    local = start_local_engine(EngineSpec(str(checkpoint_dir("llama")), 2, 2, "fp32", cfg))
     yield local.engine
     local.close()
 

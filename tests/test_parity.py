@@ -44,7 +44,8 @@ def test_greedy_matches_transformers(checkpoint_dir, arch: str, tp: int, pp: int
     # random weights at initializer_range 0.25 must give varied tokens, or parity proves little
     assert all(len(set(ids)) >= 4 for ids in ref_ids), ref_ids
 
-    local = start_local_engine(EngineSpec(str(path), tp, pp, "fp32", EngineConfig(num_blocks=64)))
+    cfg = EngineConfig(num_blocks=64, min_microbatch_tokens=1)  # split even tiny steps
+    local = start_local_engine(EngineSpec(str(path), tp, pp, "fp32", cfg))
     try:
         params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True, return_logits=True)
         results = local.engine.generate(PROMPTS, params)
@@ -55,3 +56,25 @@ def test_greedy_matches_transformers(checkpoint_dir, arch: str, tp: int, pp: int
         got = torch.stack(r.logits)
         assert got.shape == logits.shape
         torch.testing.assert_close(got, logits, atol=1e-4, rtol=0)
+
+
+ROPE_VARIANTS = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    "default": None,
+}
+
+
+@pytest.mark.parametrize("variant", sorted(ROPE_VARIANTS))
+def test_rope_scaling_variants_match(tmp_path, variant: str) -> None:
+    from tests.checkpoints import make_checkpoint
+
+    path = make_checkpoint(tmp_path / variant, "llama", seed=3,
+                           rope_scaling=ROPE_VARIANTS[variant])
+    ref_ids, _ = reference_generate(path, PROMPTS[:2], 8)
+    local = start_local_engine(EngineSpec(str(path), 2, 1, "fp32"))
+    try:
+        got = local.engine.generate(PROMPTS[:2], SamplingParams(max_tokens=8, ignore_eos=True))
+    finally:
+        local.close()
+    assert [r.token_ids for r in got] == ref_ids

@@ -67,13 +67,6 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     assert srv.stop() == 0, srv.text()
 
 
-@pytest.fixture
-def client(server: Server):
-    c = grpcclient.InferenceServerClient(server.url)
-    yield c
-    c.close()
-
-
 def expect_error(fn, code: str, *fragments: str) -> None:
     with pytest.raises(InferenceServerException) as info:
         fn()

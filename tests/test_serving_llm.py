@@ -41,13 +41,6 @@ def server(demo: Path, tmp_path_factory: pytest.TempPathFactory):
     assert srv.stop() == 0, srv.text()
 
 
-@pytest.fixture
-def client(server: Server):
-    c = grpcclient.InferenceServerClient(server.url)
-    yield c
-    c.close()
-
-
 def ids_inputs(prompt: list[int], max_tokens: int, stream: bool = False, **extra) -> list:
     inputs = [infer_input("input_ids", np.array(prompt, np.int32), "INT32"),
               infer_input("max_tokens", np.array([max_tokens], np.int32), "INT32"),

@@ -105,6 +105,22 @@ def test_shard_folder_interface(checkpoint_dir, tmp_path: Path) -> None:
             shard_.read("model.layers.0.self_attn.q_proj.weight")
 
 
+def test_loaded_tensors_are_private(checkpoint_dir, tmp_path: Path) -> None:
+    """Tensors read from a rank file share its (checked) memory map copy-on-write: writing to
+    one leaves the file, and a second open of it, untouched."""
+    out = shard(checkpoint_dir("llama"), tmp_path / "out", 2, 1)
+    folder = ShardFolder(out)
+    path = folder.rank_path(0, 1)
+    before = path.read_bytes()
+    with folder.open_rank(0, 1) as shard_:
+        t = shard_.read("model.embed_tokens.weight")
+        kept = t.clone()
+        t.add_(1.0)
+    assert path.read_bytes() == before
+    with folder.open_rank(0, 1) as shard_:
+        assert torch.equal(shard_.read("model.embed_tokens.weight"), kept)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dtype_conversion(checkpoint_dir, tmp_path: Path, dtype: torch.dtype) -> None:
     src = checkpoint_dir("llama")

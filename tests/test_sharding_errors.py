@@ -186,6 +186,13 @@ def test_checksum_mismatch_at_load_names_file(shards: Path) -> None:
         folder.open_rank(1, 0)
 
 
+def test_truncated_shard_at_load_names_file(shards: Path) -> None:
+    victim = shards / rank_file_name(0, 1)
+    victim.write_bytes(victim.read_bytes()[:-8])
+    with pytest.raises(ShardError, match=f"{victim.name}: size .* manifest says"):
+        ShardFolder(shards).open_rank(0, 1)
+
+
 def test_checksum_mismatch_in_verify_and_reshard(capsys, checkpoint_dir, shards: Path,
                                                  tmp_path: Path) -> None:
     victim = shards / rank_file_name(0, 1)

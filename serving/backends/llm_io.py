@@ -97,10 +97,10 @@ def _prompt(inputs: dict[str, np.ndarray], tokenizer: Any) -> tuple[list[int], s
     if arr.size != 1:
         raise _bad(f"input 'text_input' must hold one prompt, got shape {list(arr.shape)}")
     text = _text(arr.reshape(-1)[0], "text_input")
-    if tokenizer is None:
-        raise _bad("this model has no tokenizer: send token ids as 'input_ids'")
     if not text:
         raise _bad("input 'text_input' is empty")
+    if tokenizer is None:
+        raise _bad("this model has no tokenizer: send token ids as 'input_ids'")
     return tokenizer.encode(text), text
 
 
