@@ -85,7 +85,7 @@ class MemorySampler:
             self._sample()
 
     def finish(self) -> list[float]:
-        """Stop sampling; peak MB per rank process, the server process (rank 0) first."""
+        """Stop sampling; peak MB per process of the server tree, the server process first."""
         self._stop.set()
         self._thread.join()
         self._sample()

@@ -5,6 +5,7 @@ with the load generator, stop it, and turn what was seen into figures."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,9 +86,23 @@ class LoadSettings:
     start_timeout_s: float = 300.0
 
 
+def mirror(src: Path, dst: Path) -> None:
+    """Recreate `src` at `dst` with hard links (copies across file systems): the server refuses
+    symlinks that leave a repository, and hard links cost no space for big checkpoints."""
+    if src.is_dir():
+        dst.mkdir(parents=True, exist_ok=True)
+        for entry in src.iterdir():
+            mirror(entry, dst / entry.name)
+        return
+    try:
+        os.link(src.resolve(), dst)
+    except OSError:
+        shutil.copy2(src.resolve(), dst)
+
+
 def link_model(src: Path, dst: Path, config: mc.ModelConfig | None) -> None:
     """`dst` = a model folder whose config.pbtxt is `config` (None: the original's text) and
-    whose other entries (version folders, files) are symlinks to `src`'s."""
+    whose other entries (version folders, files) mirror `src`'s."""
     dst.mkdir(parents=True, exist_ok=True)
     for entry in src.iterdir():
         if entry.name == "config.pbtxt":
@@ -97,7 +112,7 @@ def link_model(src: Path, dst: Path, config: mc.ModelConfig | None) -> None:
             link.unlink()
         elif link.is_dir():
             shutil.rmtree(link)
-        link.symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+        mirror(entry, link)
     text = (src / "config.pbtxt").read_text() if config is None else config_text(config)
     (dst / "config.pbtxt").write_text(text, encoding="utf-8")
 
@@ -170,8 +185,11 @@ class PointRunner:
                  ) -> dict[str, Any]:
         res = self._result(point, "ok")
         res.update(load.figures())
-        per_rank = [round(m, 1) for m in mem]
-        res.update(startup_s=startup_s, mem_mb_per_rank=per_rank,
+        # a giant model's ranks are the server's engine process and its workers; the front
+        # process itself is no rank then, and is reported on its own
+        ranks = mem[1:] if self.llm and len(mem) > 1 else mem
+        per_rank = [round(m, 1) for m in ranks]
+        res.update(startup_s=startup_s, mem_mb_per_rank=per_rank, mem_mb_front=round(mem[0], 1),
                    mem_mb_max=max(per_rank) if per_rank else None,
                    concurrency=self.load.concurrency)
         res["throughput"] = res["tokens_per_s"] if self.llm else res["infer_per_s"]
