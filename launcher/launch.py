@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 import time
@@ -314,6 +315,10 @@ def join_launched_world(
     info = discover_ranks(environ)
     if not info.launched:
         return None
+    if info.rank != 0:
+        # The launcher forwards SIGTERM to every rank; workers keep following rank 0, which
+        # drains in-flight requests and then stops them (its death is the watchdog's business).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     ctx, _ = init_world(info, spec.tp, spec.pp, backend=spec.backend, timeout_s=spec.timeout_s)
     watchdog = start_watchdog(info, timeout_s=watchdog_timeout_s, on_lost=on_peer_lost)
     try:

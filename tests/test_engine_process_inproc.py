@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 from serving.cli import add_llm_model
 from tests import cluster
 from tests.checkpoints import make_checkpoint, reference_generate
-from tests.engine_helpers import exit_times, generate, rank_pids
+from tests.engine_helpers import exit_times, generate, ids_inputs, rank_pids
 from tests.serving_helpers import READY_RE, ROOT, Server
 
 PROMPT = [4, 9, 33, 2]
@@ -88,3 +88,50 @@ def test_thread_mode_next_to_engine_process(tmp_path: Path, llama) -> None:
         assert "rank 1 exited with code -9 (SIGKILL)" in srv.text(), srv.text()[-3000:]
     finally:
         srv.stop()
+
+
+def test_sigterm_under_torchrun_drains_the_in_flight_stream(tmp_path: Path, llama) -> None:
+    """torchrun forwards SIGTERM to every rank: the worker keeps following rank 0, which lets the
+    streaming request finish token-exact, then stops the world and exits 0."""
+    import queue
+
+    model, _ = llama
+    long = 40
+    ref = reference_generate(model, [PROMPT], long)[0][0]
+    repo = tmp_path / "repo"
+    add_llm_model(repo, "llm", model, tp=2, extra={"num_blocks": "32"})
+    log = tmp_path / "torchrun.log"
+    cmd = [cluster.PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "launcher.cli", "serve", "--model-repository", str(repo), "--grpc-port", "0",
+           "--metrics-port", "0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env_for_ranks(), stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)  # noqa: SIM115
+    try:
+        url = _wait_ready(proc, log)
+        responses: queue.Queue = queue.Queue()
+        c = grpcclient.InferenceServerClient(url)
+        c.start_stream(lambda result, error: responses.put((result, error)))
+        c.async_stream_infer("llm", ids_inputs(PROMPT, long, stream=True))
+        tokens: list[int] = []
+        result, error = responses.get(timeout=60)
+        assert error is None, f"{error}\n{log.read_text()[-3000:]}"
+        tokens += result.as_numpy("output_ids").ravel().tolist()
+        proc.send_signal(signal.SIGTERM)  # torchrun's own pid: it signals both ranks
+        final = False
+        while not final:
+            result, error = responses.get(timeout=60)
+            assert error is None, error
+            out = result.as_numpy("output_ids")
+            tokens += [] if out is None else out.ravel().tolist()
+            final = result.get_response().parameters["triton_final_response"].bool_param
+        c.stop_stream()
+        c.close()
+        assert tokens == ref
+        proc.wait(LIMIT_S)  # torchrun itself reports the signal it got with a non-zero status
+        text = log.read_text()
+        assert "in-flight requests finished" in text and "shardserve stopped (exit 0)" in text
+        assert "UNAVAILABLE" not in text, text[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
