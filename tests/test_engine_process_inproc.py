@@ -41,16 +41,21 @@ def _wait_ready(proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> st
     return f"localhost:{m.group(2)}"
 
 
+def _torchrun_serve(repo: Path, log: Path) -> subprocess.Popen:
+    """`shardserve serve` as 2 ranks under torchrun, in a process session of its own."""
+    cmd = [cluster.PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "launcher.cli", "serve", "--model-repository", str(repo), "--grpc-port", "0",
+           "--metrics-port", "0"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=cluster.env_for_ranks(), stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)  # noqa: SIM115
+
+
 def test_serve_under_torchrun_uses_the_in_process_engine(tmp_path: Path, llama) -> None:
     model, ref = llama
     repo = tmp_path / "repo"
     add_llm_model(repo, "llm", model, tp=2, extra={"num_blocks": "32"})
     log = tmp_path / "torchrun.log"
-    cmd = [cluster.PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "launcher.cli", "serve", "--model-repository", str(repo), "--grpc-port", "0",
-           "--metrics-port", "0"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env_for_ranks(), stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)  # noqa: SIM115
+    proc = _torchrun_serve(repo, log)
     try:
         url = _wait_ready(proc, log)
         assert generate(url, "llm", PROMPT, NEW) == ref
@@ -101,11 +106,7 @@ def test_sigterm_under_torchrun_drains_the_in_flight_stream(tmp_path: Path, llam
     repo = tmp_path / "repo"
     add_llm_model(repo, "llm", model, tp=2, extra={"num_blocks": "32"})
     log = tmp_path / "torchrun.log"
-    cmd = [cluster.PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "launcher.cli", "serve", "--model-repository", str(repo), "--grpc-port", "0",
-           "--metrics-port", "0"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env_for_ranks(), stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)  # noqa: SIM115
+    proc = _torchrun_serve(repo, log)
     try:
         url = _wait_ready(proc, log)
         responses: queue.Queue = queue.Queue()

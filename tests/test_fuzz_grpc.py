@@ -21,7 +21,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from serving.convert import NP_DTYPES
+from serving.convert import NP_DTYPES, set_param
 from tests.reliability_support import (
     ECHO,
     LLM,
@@ -94,17 +94,6 @@ def raw_tensor(draw: st.DrawFn, names: list[str]) -> tuple[str, str, list[int], 
     return name, datatype, shape, raw
 
 
-def _param(p: pb.InferParameter, value: object) -> None:
-    if isinstance(value, bool):
-        p.bool_param = value
-    elif isinstance(value, int):
-        p.int64_param = value
-    elif isinstance(value, float):
-        p.double_param = value
-    else:
-        p.string_param = str(value)
-
-
 @st.composite
 def malformed_request(draw: st.DrawFn) -> pb.ModelInferRequest:
     model = draw(st.sampled_from([LLM, ECHO, "", "nope", "../llm", "llm/1", ".", "ECHO"]))
@@ -131,7 +120,7 @@ def malformed_request(draw: st.DrawFn) -> pb.ModelInferRequest:
                              "binary_data_output", "x"]),
             st.booleans() | st.integers(-2**63, 2**63 - 1) | st.text(max_size=4)
             | st.floats(), max_size=2)).items():
-        _param(req.parameters[key], value)
+        set_param(req.parameters[key], value)
     for name in draw(st.lists(st.sampled_from(["output_ids", "text_output", "OUT", "NOPE"]),
                               max_size=2)):
         req.outputs.add(name=name)
