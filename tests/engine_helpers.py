@@ -6,13 +6,11 @@ from __future__ import annotations
 import queue
 import re
 import time
-from typing import Any
 
-import numpy as np
 import psutil
 import tritonclient.grpc as grpcclient
 
-from tests.serving_helpers import infer_input
+from tests.reliability_support import ids_inputs
 
 LOADED_RE = r"model {name} version {version}: .* rank pids \[([\d, ]+)\]"
 
@@ -44,13 +42,6 @@ def exit_times(pids: list[int], t0: float, limit_s: float) -> dict[int, float]:
     left = [p for p in pids if p not in times]
     assert not left, f"pids {left} still running {limit_s} s after t0"
     return times
-
-
-def ids_inputs(prompt: list[int], max_tokens: int, stream: bool = False) -> list[Any]:
-    return [infer_input("input_ids", np.array(prompt, np.int32), "INT32"),
-            infer_input("max_tokens", np.array([max_tokens], np.int32), "INT32"),
-            infer_input("ignore_eos", np.array([True]), "BOOL"),
-            infer_input("stream", np.array([stream]), "BOOL")]
 
 
 def generate(url: str, model: str, prompt: list[int], max_tokens: int) -> list[int]:
