@@ -54,7 +54,7 @@ class CommStats:
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:
-    return 1 if group is None else dist.get_world_size(group)
+    return 1 if group is None else group.size()
 
 
 def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None,

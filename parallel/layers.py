@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.collectives import CommStats, all_gather_uneven, all_reduce
+from parallel.kernels import can_prepack, linear, packed_linear, prepack
 from parallel.partition import split_range, split_sizes
 
 
@@ -22,6 +23,7 @@ class ColumnParallelLinear(nn.Module):
     """
 
     comm_stats: CommStats | None = None  # see attach_comm_stats
+    packed: torch.Tensor | None = None  # see prepack_linears
 
     def __init__(
         self,
@@ -43,7 +45,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(local, dtype=dtype), False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.packed, self.bias)
         if self.gather_output:
             y = all_gather_uneven(y, self.out_sizes, -1, self.group, self.comm_stats)
         return y
@@ -57,6 +59,7 @@ class RowParallelLinear(nn.Module):
     """
 
     comm_stats: CommStats | None = None  # see attach_comm_stats
+    packed: torch.Tensor | None = None  # see prepack_linears
 
     def __init__(
         self,
@@ -76,7 +79,7 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(F.linear(x, self.weight), self.group, self.comm_stats)
+        y = all_reduce(linear(x, self.weight, self.packed), self.group, self.comm_stats)
         if self.bias is not None:
             y = y + self.bias
         return y
@@ -141,3 +144,63 @@ def attach_comm_stats(model: nn.Module, stats: CommStats | None) -> None:
     for m in model.modules():
         if isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
             m.comm_stats = stats
+
+
+class MergedColumns:
+    """Column-parallel layers that read the same input (q/k/v, gate/up) run as one matmul.
+
+    The parts stay ordinary modules, loaded under their checkpoint names; `fuse()` (called once
+    after loading, by `prepack_linears`) concatenates their local shards into one packed weight,
+    so a decode step streams them in one pass. Not a module itself: the parts are registered
+    where they are declared. Calling it returns the parts' outputs in order.
+    """
+
+    def __init__(self, *parts: ColumnParallelLinear) -> None:
+        self.parts = parts
+        self.sizes = [p.weight.shape[0] for p in parts]
+        self.packed: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.packed is None:
+            return [p(x) for p in self.parts]
+        return list(packed_linear(x, self.packed, self.bias).split(self.sizes, -1))
+
+    def fuse(self) -> bool:
+        """Pack the parts' weights as one; False (nothing changed) where that cannot help."""
+        ws = [p.weight for p in self.parts]
+        biases = [p.bias for p in self.parts]
+        if (any(p.gather_output or p.packed is not None for p in self.parts)
+                or not all(can_prepack(w) for w in ws)
+                or len({(w.shape[1], w.dtype) for w in ws}) != 1
+                or len({b is None for b in biases}) != 1):
+            return False
+        self.packed = prepack(torch.cat(ws))
+        if self.packed is None:
+            return False
+        if biases[0] is not None:
+            self.bias = torch.cat([b.detach() for b in biases])
+        for p in self.parts:  # the merged copy replaces them
+            p.weight = nn.Parameter(p.weight.new_empty(0, p.weight.shape[1]), False)
+        return True
+
+
+def prepack_linears(model: nn.Module) -> int:
+    """Pack `model`'s linear weights for oneDNN once, after loading (parallel/kernels.py):
+    first each `MergedColumns` group as one matrix, then every other linear layer. Returns how
+    many matrices were packed. Packed layers drop their plain weight, so memory does not double
+    (a tied embedding keeps its own reference to a shared tensor)."""
+    packed = 0
+    for m in list(model.modules()):
+        for group in vars(m).values():
+            if isinstance(group, MergedColumns) and group.packed is None:
+                packed += group.fuse()
+    for m in model.modules():
+        if (not isinstance(m, (ColumnParallelLinear, RowParallelLinear)) or m.packed is not None
+                or m.weight.shape[0] == 0):
+            continue
+        m.packed = prepack(m.weight)
+        if m.packed is not None:
+            packed += 1
+            m.weight = nn.Parameter(m.weight.new_empty(0, m.weight.shape[1]), False)
+    return packed

@@ -54,6 +54,8 @@ class EngineConfig:
     # steps are bound by reading the weights, which every extra micro-batch repeats.
     min_microbatch_tokens: int = 32
     max_waiting: int = 1024  # queued requests beyond this are refused
+    # Pack linear weights for oneDNN after loading (CPU bf16; see parallel/kernels.py).
+    prepack_weights: bool = True
 
 
 @dataclass

@@ -11,6 +11,7 @@ import torch
 
 from parallel import ParallelContext
 from parallel.collectives import all_gather_object
+from parallel.layers import prepack_linears
 from runtime.engine import LLMEngine, ModelInfo, worker_loop
 from runtime.kv_cache import allocate_caches, bytes_per_block
 from runtime.loader import LoadReport, load_stage
@@ -117,6 +118,8 @@ def build_rank(spec: EngineSpec, ctx: ParallelContext) -> tuple[ModelRunner, Mod
     layers = rules.layers_of_stage(ctx.pp_rank)
     model = cls(model_cfg, ctx, layers, dtype).to(ctx.device).eval()
     report = load_stage(model, source, rules, ctx.tp_rank, ctx.pp_rank)
+    if spec.engine.prepack_weights:
+        prepack_linears(model)
     num_blocks = kv_blocks(spec, rules, dtype)
     hl = rules.heads(ctx.tp_rank)
     caches = allocate_caches(list(layers), num_blocks, spec.engine.block_size, hl.num_kv,

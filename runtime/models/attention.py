@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,18 +24,58 @@ class AttentionBatch:
     kv_len: int
     fresh: bool
     sliding_window: int | None = None
+    _masks: dict[tuple[int, int | None], torch.Tensor] = field(default_factory=dict, repr=False)
+    _index: dict[str, torch.Tensor | None] = field(default_factory=dict, repr=False)
 
     def mask(self, key_len: int) -> torch.Tensor:
-        """(batch, 1, seq, key_len) boolean: causal (and windowed) over absolute positions."""
-        keys = torch.arange(key_len, device=self.positions.device)
-        q = self.positions.unsqueeze(-1)  # (batch, seq, 1)
-        allowed = keys <= q
-        if self.sliding_window is not None:
-            allowed &= keys > q - self.sliding_window
-        return allowed.unsqueeze(1)
+        """(batch, 1, seq, key_len) boolean: causal (and windowed) over absolute positions.
+        Built once per step and shared by every layer."""
+        key = (key_len, self.sliding_window)
+        if key not in self._masks:
+            keys = torch.arange(key_len, device=self.positions.device)
+            q = self.positions.unsqueeze(-1)  # (batch, seq, 1)
+            allowed = keys <= q
+            if self.sliding_window is not None:
+                allowed &= keys > q - self.sliding_window
+            self._masks[key] = allowed.unsqueeze(1)
+        return self._masks[key]
+
+    def store_index(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(cache slots of the real new tokens, their rows in the flattened (batch * seq)
+        tokens, or None when every token is real). Built once per step."""
+        if "slots" not in self._index:
+            flat = self.slot_mapping.flatten()
+            valid = flat >= 0
+            rows = None if bool(valid.all()) else valid.nonzero().squeeze(1)
+            self._index["slots"] = flat if rows is None else flat[rows]
+            self._index["rows"] = rows
+        slots = self._index["slots"]
+        assert slots is not None
+        return slots, self._index["rows"]
+
+    def context_slots(self, block_size: int) -> torch.Tensor:
+        """(batch, kv_len) cache slot of every context position (padding rows read block 0,
+        which the mask hides). Built once per step."""
+        if "context" not in self._index:
+            pos = torch.arange(self.kv_len, device=self.block_tables.device)
+            blocks = self.block_tables[:, pos // block_size]  # (batch, kv_len)
+            self._index["context"] = blocks * block_size + pos % block_size
+        ctx = self._index["context"]
+        assert ctx is not None
+        return ctx
 
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # each (num_blocks, block_size, kv_heads, head_dim)
+
+
+def kv_group_size(kv_index: list[int]) -> int | None:
+    """g when query head h uses kv head h // g for every h (the usual GQA layout), else None
+    (uneven tp splits can give a rank an irregular head map)."""
+    heads, kv_heads = len(kv_index), max(kv_index) + 1
+    if heads % kv_heads:
+        return None
+    g = heads // kv_heads
+    return g if all(kv == h // g for h, kv in enumerate(kv_index)) else None
 
 
 def paged_attention(
@@ -46,25 +86,33 @@ def paged_attention(
     batch: AttentionBatch,
     kv_index: torch.Tensor,
     scale: float,
+    kv_group: int | None = None,
 ) -> torch.Tensor:
     """Store this step's k/v in the cache and attend over each sequence's whole context.
 
     q: (batch, seq, heads, head_dim); k, v: (batch, seq, kv_heads, head_dim). `kv_index` maps
-    each local query head to its local kv head (uneven tp splits make this irregular).
-    Returns (batch, seq, heads, head_dim).
+    each local query head to its local kv head (uneven tp splits make this irregular);
+    `kv_group` is `kv_group_size(kv_index)`. Returns (batch, seq, heads, head_dim).
     """
     k_cache, v_cache = cache
-    flat_k = k_cache.view(-1, *k_cache.shape[2:])  # (slots, kv_heads, head_dim)
-    flat_v = v_cache.view(-1, *v_cache.shape[2:])
-    valid = batch.slot_mapping >= 0
-    slots = batch.slot_mapping[valid]
-    flat_k[slots] = k[valid].to(flat_k.dtype)
-    flat_v[slots] = v[valid].to(flat_v.dtype)
+    b, _, kv_heads, d = k.shape
+    flat_k = k_cache.view(-1, kv_heads, d)  # (slots, kv_heads, head_dim)
+    flat_v = v_cache.view(-1, kv_heads, d)
+    slots, rows = batch.store_index()
+    new_k, new_v = k.reshape(-1, kv_heads, d), v.reshape(-1, kv_heads, d)
+    if rows is not None:  # drop padding tokens
+        new_k, new_v = new_k[rows], new_v[rows]
+    flat_k.index_copy_(0, slots, new_k.to(flat_k.dtype))
+    flat_v.index_copy_(0, slots, new_v.to(flat_v.dtype))
     if batch.fresh:
         keys, values = k, v  # whole context is this step's tokens
     else:
-        keys = k_cache[batch.block_tables].flatten(1, 2)[:, : batch.kv_len]  # (b, kv_len, kvh, d)
-        values = v_cache[batch.block_tables].flatten(1, 2)[:, : batch.kv_len]
+        ctx = batch.context_slots(k_cache.shape[1]).flatten()
+        keys = flat_k.index_select(0, ctx).view(b, batch.kv_len, kv_heads, d)
+        values = flat_v.index_select(0, ctx).view(b, batch.kv_len, kv_heads, d)
+    if q.shape[1] == 1:
+        return decode_attention(q, keys, values, batch.mask(keys.shape[1]), kv_index, kv_group,
+                                scale)
     keys = keys.index_select(2, kv_index).transpose(1, 2)  # (batch, heads, kv_len, head_dim)
     values = values.index_select(2, kv_index).transpose(1, 2)
     mask = batch.mask(keys.shape[2])
@@ -72,3 +120,33 @@ def paged_attention(
         q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale
     )  # (batch, heads, seq, head_dim)
     return out.transpose(1, 2)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    kv_index: torch.Tensor,
+    kv_group: int | None,
+    scale: float,
+) -> torch.Tensor:
+    """One new token per sequence: two small matmuls in fp32 instead of SDPA.
+
+    For a single query row, CPU SDPA (and expanding kv heads for it) costs several times the
+    arithmetic; grouping the query heads by their kv head reads each cached key once, and fp32
+    scores and softmax keep it at least as accurate as SDPA's fused kernel.
+    q: (batch, 1, heads, head_dim); keys, values: (batch, kv_len, kv_heads, head_dim);
+    mask: (batch, 1, 1, kv_len). Returns (batch, 1, heads, head_dim).
+    """
+    b, _, heads, d = q.shape
+    if kv_group is None:  # irregular head map: give every query head its own copy of its kv head
+        keys, values, kv_group = keys.index_select(2, kv_index), values.index_select(2, kv_index), 1
+    kv_heads = heads // kv_group
+    qg = q.reshape(b, kv_heads, kv_group, d).float()  # (batch, kv_heads, group, head_dim)
+    k = keys.transpose(1, 2).float()  # (batch, kv_heads, kv_len, head_dim)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale)  # (batch, kv_heads, group, kv_len)
+    scores.masked_fill_(~mask, float("-inf"))
+    probs = scores.softmax(-1)
+    out = torch.matmul(probs, values.transpose(1, 2).float())  # (batch, kv_heads, group, head_dim)
+    return out.reshape(b, 1, heads, d).to(q.dtype)

@@ -63,6 +63,7 @@ class GPT2Attention(nn.Module):
         layouts = [head_layout(cfg.num_heads, cfg.num_heads, ctx.tp, r) for r in range(ctx.tp)]
         self.heads = layouts[ctx.tp_rank].num_q
         self.register_buffer("kv_index", torch.arange(self.heads), persistent=False)
+        self.kv_group: int | None = 1
         qkv_sizes = [3 * hl.num_q * self.head_dim for hl in layouts]
         g, r = ctx.tp_group, ctx.tp_rank
         self.c_attn = ColumnParallelLinear(cfg.hidden_size, qkv_sizes, r, g, bias=True,
@@ -74,7 +75,8 @@ class GPT2Attention(nn.Module):
     def forward(self, x: torch.Tensor, batch: AttentionBatch, cache: KVCache) -> torch.Tensor:
         b, s, _ = x.shape  # (batch, seq, hidden)
         q, k, v = self.c_attn(x).view(b, s, 3, self.heads, self.head_dim).unbind(2)
-        out = paged_attention(q, k, v, cache, batch, self.kv_index, self.scale)
+        out = paged_attention(q, k, v, cache, batch, self.kv_index, self.scale,
+                              self.kv_group)
         return self.c_proj(out.reshape(b, s, self.heads * self.head_dim))
 
 

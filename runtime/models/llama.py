@@ -15,11 +15,12 @@ from torch import nn
 from parallel import ParallelContext, head_layout, split_sizes
 from parallel.layers import (
     ColumnParallelLinear,
+    MergedColumns,
     ParallelLMHead,
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from runtime.models.attention import AttentionBatch, KVCache, paged_attention
+from runtime.models.attention import AttentionBatch, KVCache, kv_group_size, paged_attention
 from runtime.models.rope import apply_rope, inv_freq_and_scale, rope_cos_sin
 
 
@@ -84,6 +85,7 @@ class LlamaAttention(nn.Module):
         hl = head_layout(cfg.num_heads, cfg.num_kv_heads, ctx.tp, ctx.tp_rank)
         self.heads, self.kv_heads, self.head_dim = hl.num_q, hl.num_kv, cfg.head_dim
         self.register_buffer("kv_index", torch.tensor(hl.kv_index), persistent=False)
+        self.kv_group = kv_group_size(list(hl.kv_index))
         q_sizes = [head_layout(cfg.num_heads, cfg.num_kv_heads, ctx.tp, r).num_q * cfg.head_dim
                    for r in range(ctx.tp)]
         kv_sizes = [head_layout(cfg.num_heads, cfg.num_kv_heads, ctx.tp, r).num_kv * cfg.head_dim
@@ -93,6 +95,7 @@ class LlamaAttention(nn.Module):
         self.k_proj = ColumnParallelLinear(cfg.hidden_size, kv_sizes, r, g, bias=b, dtype=dtype)
         self.v_proj = ColumnParallelLinear(cfg.hidden_size, kv_sizes, r, g, bias=b, dtype=dtype)
         self.o_proj = RowParallelLinear(q_sizes[r], cfg.hidden_size, g, dtype=dtype)
+        self.qkv = MergedColumns(self.q_proj, self.k_proj, self.v_proj)
         self.scale = cfg.head_dim**-0.5
 
     def forward(
@@ -100,11 +103,13 @@ class LlamaAttention(nn.Module):
         batch: AttentionBatch, cache: KVCache,
     ) -> torch.Tensor:
         b, s, _ = x.shape  # (batch, seq, hidden)
-        q = self.q_proj(x).view(b, s, self.heads, self.head_dim)
-        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim)
+        q, k, v = self.qkv(x)
+        q = q.view(b, s, self.heads, self.head_dim)
+        k = k.view(b, s, self.kv_heads, self.head_dim)
+        v = v.view(b, s, self.kv_heads, self.head_dim)
         q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
-        out = paged_attention(q, k, v, cache, batch, self.kv_index, self.scale)
+        out = paged_attention(q, k, v, cache, batch, self.kv_index, self.scale,
+                              self.kv_group)
         return self.o_proj(out.reshape(b, s, self.heads * self.head_dim))
 
 
@@ -116,9 +121,11 @@ class LlamaMLP(nn.Module):
         self.gate_proj = ColumnParallelLinear(cfg.hidden_size, sizes, r, g, bias=b, dtype=dtype)
         self.up_proj = ColumnParallelLinear(cfg.hidden_size, sizes, r, g, bias=b, dtype=dtype)
         self.down_proj = RowParallelLinear(sizes[r], cfg.hidden_size, g, bias=b, dtype=dtype)
+        self.gate_up = MergedColumns(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x)  # (batch, seq, intermediate / tp) each
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
