@@ -3,12 +3,16 @@
     python -m benchmarks.bench_decode [--params 200m|tiny] [--tp 1 --pp 1] [--dtype bf16]
 
 Decode tokens/s excludes prefill on both sides: for transformers it is (N - 1) tokens over
-time(generate N) - time(generate 1); for the engine, its own decode-step timing.
+time(generate N) - time(generate 1); for the engine, its own decode-step timing. Both run in
+this process, one after the other, for `--rounds` rounds; each round's ratio compares two runs
+taken seconds apart, and the median over rounds is reported (this shared 2-core VM's speed
+drifts by 30% over minutes, which a single pair of runs cannot tell from a real difference).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -39,10 +43,13 @@ def prompts(batch: int, length: int) -> list[list[int]]:
     return torch.randint(10, 900, (batch, length), generator=g).tolist()
 
 
-def hf_decode_tps(path: Path, dtype: str, batch: int, plen: int, new: int) -> float:
+def load_hf(path: Path, dtype: str):
     import transformers as tf
 
-    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+    return tf.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+
+
+def hf_decode_tps(model, batch: int, plen: int, new: int) -> float:
     ids = torch.tensor(prompts(batch, plen))
 
     def timed(n: int) -> float:
@@ -77,32 +84,44 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--model", type=Path, help="reuse a checkpoint instead of generating one")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-
-    from launcher.local import start_local_engine
-    from runtime.types import EngineConfig
-    from runtime.worker import EngineSpec
-
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or Path(tmp) / "model"
         if args.model is None:
             n = make_model(path, args.params, args.dtype)
             print(f"model: Llama {n / 1e6:.0f}M parameters, {args.dtype}, "
                   f"torch threads {torch.get_num_threads()}")
-        batches = [int(b) for b in args.batches.split(",")]
-        hf = {b: hf_decode_tps(path, args.dtype, b, args.prompt_len, args.new_tokens)
-              for b in batches}
-        local = start_local_engine(EngineSpec(str(path), args.tp, args.pp, args.dtype,
-                                              EngineConfig(kv_cache_bytes=512 * 2**20)))
-        try:
-            ours = {b: engine_decode_tps(local.engine, b, args.prompt_len, args.new_tokens)
-                    for b in batches}
-        finally:
-            local.close()
+        rounds = run_rounds(args, path)
     print(f"{'batch':>5} {'shardserve tok/s':>17} {'transformers tok/s':>19} {'ratio':>6}"
-          f"   (tp={args.tp} pp={args.pp})")
-    for b in batches:
-        print(f"{b:>5} {ours[b]:>17.1f} {hf[b]:>19.1f} {ours[b] / hf[b]:>6.2f}")
+          f"   (tp={args.tp} pp={args.pp}; medians of {args.rounds} rounds)")
+    for b, pairs in rounds.items():
+        ours, hf = (statistics.median(x) for x in zip(*pairs, strict=True))
+        ratios = ", ".join(f"{o / h:.2f}" for o, h in pairs)
+        print(f"{b:>5} {ours:>17.1f} {hf:>19.1f} {statistics.median(o / h for o, h in pairs):>6.2f}"
+              f"   per round: {ratios}")
+
+
+def run_rounds(args: argparse.Namespace, path: Path) -> dict[int, list[tuple[float, float]]]:
+    """Per batch size, one (shardserve, transformers) tokens/s pair per round."""
+    from launcher.local import start_local_engine
+    from runtime.types import EngineConfig
+    from runtime.worker import EngineSpec
+
+    batches = [int(b) for b in args.batches.split(",")]
+    hf_model = load_hf(path, args.dtype)
+    local = start_local_engine(EngineSpec(str(path), args.tp, args.pp, args.dtype,
+                                          EngineConfig(kv_cache_bytes=512 * 2**20)))
+    out: dict[int, list[tuple[float, float]]] = {b: [] for b in batches}
+    try:
+        for _ in range(args.rounds):
+            for b in batches:
+                hf = hf_decode_tps(hf_model, b, args.prompt_len, args.new_tokens)
+                ours = engine_decode_tps(local.engine, b, args.prompt_len, args.new_tokens)
+                out[b].append((ours, hf))
+    finally:
+        local.close()
+    return out
 
 
 if __name__ == "__main__":

@@ -73,9 +73,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 variance like the reference, then back to the activation dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # normalised in fp32 like the reference (one fused op), then back to the activation dtype
+        xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * xf.to(x.dtype)
 
 
