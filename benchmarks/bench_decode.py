@@ -110,13 +110,17 @@ def run_rounds(args: argparse.Namespace, path: Path) -> dict[int, list[tuple[flo
 
     batches = [int(b) for b in args.batches.split(",")]
     hf_model = load_hf(path, args.dtype)
+    threads = torch.get_num_threads()  # start_local_engine gives rank 0 a share of the cores
     local = start_local_engine(EngineSpec(str(path), args.tp, args.pp, args.dtype,
                                           EngineConfig(kv_cache_bytes=512 * 2**20)))
     out: dict[int, list[tuple[float, float]]] = {b: [] for b in batches}
     try:
         for _ in range(args.rounds):
             for b in batches:
+                rank_threads = torch.get_num_threads()
+                torch.set_num_threads(threads)  # transformers gets every core
                 hf = hf_decode_tps(hf_model, b, args.prompt_len, args.new_tokens)
+                torch.set_num_threads(rank_threads)
                 ours = engine_decode_tps(local.engine, b, args.prompt_len, args.new_tokens)
                 out[b].append((ours, hf))
     finally:
