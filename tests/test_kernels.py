@@ -83,7 +83,7 @@ def test_decode_attention_matches_sdpa(kv_index: list[int]) -> None:
     lengths = torch.tensor([11, 4, 7])  # rows shorter than kv_len see only their own context
     mask = (torch.arange(kv_len) < lengths[:, None]).view(batch, 1, 1, kv_len)
     idx = torch.tensor(kv_index)
-    got = decode_attention(q, keys, values, mask, idx, kv_group_size(kv_index), d**-0.5)
+    got = decode_attention(q, keys, values, ~mask, idx, kv_group_size(kv_index), d**-0.5)
     want = _sdpa_reference(q, keys, values, mask, idx, d**-0.5)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert (kv_group_size(kv_index) is None) == (kv_index == [0, 0, 1, 1, 1])

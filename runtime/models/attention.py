@@ -24,14 +24,19 @@ class AttentionBatch:
     kv_len: int
     fresh: bool
     sliding_window: int | None = None
-    _masks: dict[tuple[int, int | None], torch.Tensor] = field(default_factory=dict, repr=False)
+    _masks: dict[tuple[int, int | None, bool], torch.Tensor] = field(default_factory=dict,
+                                                                     repr=False)
     _index: dict[str, torch.Tensor | None] = field(default_factory=dict, repr=False)
 
-    def mask(self, key_len: int) -> torch.Tensor:
-        """(batch, 1, seq, key_len) boolean: causal (and windowed) over absolute positions.
-        Built once per step and shared by every layer."""
-        key = (key_len, self.sliding_window)
+    def mask(self, key_len: int, hidden: bool = False) -> torch.Tensor:
+        """(batch, 1, seq, key_len) boolean: causal (and windowed) over absolute positions;
+        True where a query may attend, or with `hidden`, where it may not. Built once per
+        step and shared by every layer."""
+        key = (key_len, self.sliding_window, hidden)
         if key not in self._masks:
+            if hidden:
+                self._masks[key] = ~self.mask(key_len)
+                return self._masks[key]
             keys = torch.arange(key_len, device=self.positions.device)
             q = self.positions.unsqueeze(-1)  # (batch, seq, 1)
             allowed = keys <= q
@@ -111,8 +116,8 @@ def paged_attention(
         keys = flat_k.index_select(0, ctx).view(b, batch.kv_len, kv_heads, d)
         values = flat_v.index_select(0, ctx).view(b, batch.kv_len, kv_heads, d)
     if q.shape[1] == 1:
-        return decode_attention(q, keys, values, batch.mask(keys.shape[1]), kv_index, kv_group,
-                                scale)
+        hidden = batch.mask(keys.shape[1], hidden=True)
+        return decode_attention(q, keys, values, hidden, kv_index, kv_group, scale)
     keys = keys.index_select(2, kv_index).transpose(1, 2)  # (batch, heads, kv_len, head_dim)
     values = values.index_select(2, kv_index).transpose(1, 2)
     mask = batch.mask(keys.shape[2])
@@ -126,7 +131,7 @@ def decode_attention(
     q: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    mask: torch.Tensor,
+    hidden: torch.Tensor,
     kv_index: torch.Tensor,
     kv_group: int | None,
     scale: float,
@@ -137,7 +142,8 @@ def decode_attention(
     arithmetic; grouping the query heads by their kv head reads each cached key once, and fp32
     scores and softmax keep it at least as accurate as SDPA's fused kernel.
     q: (batch, 1, heads, head_dim); keys, values: (batch, kv_len, kv_heads, head_dim);
-    mask: (batch, 1, 1, kv_len). Returns (batch, 1, heads, head_dim).
+    hidden: (batch, 1, 1, kv_len), True for keys a row must not see.
+    Returns (batch, 1, heads, head_dim).
     """
     b, _, heads, d = q.shape
     if kv_group is None:  # irregular head map: give every query head its own copy of its kv head
@@ -146,7 +152,7 @@ def decode_attention(
     qg = q.reshape(b, kv_heads, kv_group, d).float()  # (batch, kv_heads, group, head_dim)
     k = keys.transpose(1, 2).float()  # (batch, kv_heads, kv_len, head_dim)
     scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale)  # (batch, kv_heads, group, kv_len)
-    scores.masked_fill_(~mask, float("-inf"))
+    scores.masked_fill_(hidden, float("-inf"))
     probs = scores.softmax(-1)
     out = torch.matmul(probs, values.transpose(1, 2).float())  # (batch, kv_heads, group, head_dim)
     return out.reshape(b, 1, heads, d).to(q.dtype)

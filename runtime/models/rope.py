@@ -55,20 +55,19 @@ def inv_freq_and_scale(cfg: dict[str, Any], head_dim: int) -> tuple[torch.Tensor
     return inv.float(), float(scale)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def rope_cos_sin(
     positions: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (batch, seq, 1, head_dim), computed in fp32 like the reference."""
+    """cos and signed sin of shape (batch, seq, 1, head_dim), computed in fp32 like the
+    reference. The sin's first half is negated so that `apply_rope` rotates with one roll."""
     freqs = positions.float().unsqueeze(-1) * inv_freq  # (batch, seq, head_dim / 2)
     emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)
-    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+    sin = emb.sin() * scale
+    sin[..., : freqs.shape[-1]].neg_()
+    return (emb.cos() * scale).to(dtype), sin.to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, seq, heads, head_dim)."""
-    return x * cos + rotate_half(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: (batch, seq, heads, head_dim). The reference's x * cos + rotate_half(x) * sin, with
+    rotate_half(x) * sin == roll(x, half) * signed_sin exactly (negation is exact)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
