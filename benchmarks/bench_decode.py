@@ -46,17 +46,20 @@ def prompts(batch: int, length: int) -> list[list[int]]:
 def load_hf(path: Path, dtype: str):
     import transformers as tf
 
-    return tf.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+    return model.to("cuda") if torch.cuda.is_available() else model  # where the engine runs
 
 
 def hf_decode_tps(model, batch: int, plen: int, new: int) -> float:
-    ids = torch.tensor(prompts(batch, plen))
+    ids = torch.tensor(prompts(batch, plen), device=model.device)
 
     def timed(n: int) -> float:
         t0 = time.perf_counter()
         with torch.inference_mode():
             model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                            pad_token_id=0)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     timed(2)  # warm-up
