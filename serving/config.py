@@ -116,5 +116,18 @@ def int_param(config: mc.ModelConfig, key: str, default: int | None = None,
     return value
 
 
+def bool_param(config: mc.ModelConfig, key: str, default: bool) -> bool:
+    """A true/false parameter (also 1/0, yes/no); an error names the model and the parameter."""
+    text = (param(config, key) or "").strip().lower()
+    if not text:
+        return default
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ServingError("INVALID_ARGUMENT", f"model '{config.name}': parameter '{key}' must be "
+                       f"true or false, got {text!r}")
+
+
 def set_param(config: mc.ModelConfig, key: str, value: object) -> None:
     config.parameters[key].string_value = str(value)

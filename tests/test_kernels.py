@@ -113,3 +113,25 @@ def test_bf16_engine_with_packed_weights_matches_unpacked(checkpoint_dir, arch: 
     assert ids == plain_ids
     for got, want in zip(logits, plain_logits, strict=True):
         torch.testing.assert_close(got, want, atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("", True), ("false", False), ("TRUE", True),
+                                                ("0", False), ("maybe", None)])
+def test_prepack_switch_in_a_model_config(tmp_path, text: str, expected: bool | None) -> None:
+    """`parameters { key: "prepack_weights" ... }` in config.pbtxt reaches the engine config;
+    anything but true/false is refused naming the model and the parameter."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from serving.backends.llm import LLMSettings
+    from serving.config import set_param
+    from serving.types import ServingError
+
+    (tmp_path / "config.json").write_text("{}")
+    config = mc.ModelConfig(name="giant")
+    if text:
+        set_param(config, "prepack_weights", text)
+    if expected is None:
+        with pytest.raises(ServingError, match="'giant': parameter 'prepack_weights' must be"):
+            LLMSettings.from_config(config, tmp_path)
+    else:
+        assert LLMSettings.from_config(config, tmp_path).engine.prepack_weights is expected

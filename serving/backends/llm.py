@@ -25,7 +25,7 @@ from runtime.engine_client import EngineClient, EngineStopped, StepBatch
 from runtime.tokenizer import Detokenizer
 from runtime.types import EngineConfig
 from serving.backends.llm_io import GenerationJob, StopText, parse_job
-from serving.config import int_param, param
+from serving.config import bool_param, int_param, param
 from serving.types import Backend, InferRequest, InferResponse, ResponseSink, ServingError
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ class LLMSettings:
             max_model_len=int_param(config, "max_model_len", None, 2),
             microbatches=int_param(config, "microbatches", d.microbatches, 0),
             max_waiting=int_param(config, "max_waiting", d.max_waiting, 1),
+            prepack_weights=bool_param(config, "prepack_weights", d.prepack_weights),
         )
         return cls(model, int_param(config, "tp", 1, 1), int_param(config, "pp", 1, 1), dtype,
                    engine, backend, mode)
