@@ -135,3 +135,26 @@ def test_prepack_switch_in_a_model_config(tmp_path, text: str, expected: bool | 
             LLMSettings.from_config(config, tmp_path)
     else:
         assert LLMSettings.from_config(config, tmp_path).engine.prepack_weights is expected
+
+
+def test_tokenwise_maps_only_real_tokens() -> None:
+    """A padded prefill batch runs its per-token matmuls on real tokens only."""
+    from runtime.models.attention import AttentionBatch
+
+    slots = torch.tensor([[0, 1, 2], [8, -1, -1]])  # row 1 has one real token, two padding
+    batch = AttentionBatch(positions=torch.tensor([[0, 1, 2], [0, 0, 0]]), slot_mapping=slots,
+                           block_tables=torch.tensor([[0], [2]]), last_index=torch.tensor([2, 0]),
+                           kv_len=3, fresh=True)
+    x = torch.randn(2, 3, 4)
+    seen: list[int] = []
+    w = torch.randn(5, 4)
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t.shape[0])
+        return t @ w.T
+
+    y = batch.tokenwise(fn, x)
+    assert seen == [4] and y.shape == (2, 3, 5)
+    torch.testing.assert_close(y[0], x[0] @ w.T)
+    torch.testing.assert_close(y[1, 0], x[1, 0] @ w.T)
+    assert not y[1, 1:].any()

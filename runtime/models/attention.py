@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +58,24 @@ class AttentionBatch:
         slots = self._index["slots"]
         assert slots is not None
         return slots, self._index["rows"]
+
+    def tokenwise(self, fn: Callable[[torch.Tensor], torch.Tensor],
+                  x: torch.Tensor) -> torch.Tensor:
+        """fn (a per-token map, like an MLP) applied to the real tokens of x (batch, seq, dim)
+        only; padding rows come back as zeros. A prefill batch padded to its longest prompt
+        would otherwise spend its largest matmuls on padding."""
+        return self.tokenwise_parts(lambda t: [fn(t)], x)[0]
+
+    def tokenwise_parts(self, fn: Callable[[torch.Tensor], list[torch.Tensor]],
+                        x: torch.Tensor) -> list[torch.Tensor]:
+        """`tokenwise` for a map with several outputs (merged q/k/v projections)."""
+        _, rows = self.store_index()
+        if rows is None:
+            return fn(x)
+        b, s, dim = x.shape
+        ys = fn(x.reshape(b * s, dim)[rows])  # each (real tokens, out)
+        return [y.new_zeros(b * s, y.shape[-1]).index_copy_(0, rows, y).view(b, s, -1)
+                for y in ys]
 
     def context_slots(self, block_size: int) -> torch.Tensor:
         """(batch, kv_len) cache slot of every context position (padding rows read block 0,

@@ -74,10 +74,11 @@ class GPT2Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch, cache: KVCache) -> torch.Tensor:
         b, s, _ = x.shape  # (batch, seq, hidden)
-        q, k, v = self.c_attn(x).view(b, s, 3, self.heads, self.head_dim).unbind(2)
+        qkv = batch.tokenwise(self.c_attn, x)  # (batch, seq, 3 * heads * head_dim)
+        q, k, v = qkv.view(b, s, 3, self.heads, self.head_dim).unbind(2)
         out = paged_attention(q, k, v, cache, batch, self.kv_index, self.scale,
                               self.kv_group)
-        return self.c_proj(out.reshape(b, s, self.heads * self.head_dim))
+        return batch.tokenwise(self.c_proj, out.reshape(b, s, self.heads * self.head_dim))
 
 
 class GPT2MLP(nn.Module):
@@ -103,7 +104,7 @@ class GPT2Block(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch, cache: KVCache) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), batch, cache)
-        return x + self.mlp(self.ln_2(x))
+        return x + batch.tokenwise(self.mlp, self.ln_2(x))
 
 
 class GPT2Body(nn.Module):

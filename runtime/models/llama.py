@@ -102,14 +102,14 @@ class LlamaAttention(nn.Module):
         batch: AttentionBatch, cache: KVCache,
     ) -> torch.Tensor:
         b, s, _ = x.shape  # (batch, seq, hidden)
-        q, k, v = self.qkv(x)
+        q, k, v = batch.tokenwise_parts(self.qkv, x)
         q = q.view(b, s, self.heads, self.head_dim)
         k = k.view(b, s, self.kv_heads, self.head_dim)
         v = v.view(b, s, self.kv_heads, self.head_dim)
         q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
         out = paged_attention(q, k, v, cache, batch, self.kv_index, self.scale,
                               self.kv_group)
-        return self.o_proj(out.reshape(b, s, self.heads * self.head_dim))
+        return batch.tokenwise(self.o_proj, out.reshape(b, s, self.heads * self.head_dim))
 
 
 class LlamaMLP(nn.Module):
@@ -138,7 +138,7 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 batch: AttentionBatch, cache: KVCache) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, batch, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + batch.tokenwise(self.mlp, self.post_attention_layernorm(x))
 
 
 class LlamaBody(nn.Module):
