@@ -152,7 +152,8 @@ class MergedColumns:
     The parts stay ordinary modules, loaded under their checkpoint names; `fuse()` (called once
     after loading, by `prepack_linears`) concatenates their local shards into one packed weight,
     so a decode step streams them in one pass. Not a module itself: the parts are registered
-    where they are declared. Calling it returns the parts' outputs in order.
+    where they are declared. Calling it returns the parts' outputs in order; `fused` returns
+    them side by side in one tensor.
     """
 
     def __init__(self, *parts: ColumnParallelLinear) -> None:
@@ -165,6 +166,12 @@ class MergedColumns:
         if self.packed is None:
             return [p(x) for p in self.parts]
         return list(packed_linear(x, self.packed, self.bias).split(self.sizes, -1))
+
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The parts' outputs side by side in one tensor (..., sum of sizes)."""
+        if self.packed is None:
+            return torch.cat([p(x) for p in self.parts], dim=-1)
+        return packed_linear(x, self.packed, self.bias)
 
     def fuse(self) -> bool:
         """Pack the parts' weights as one; False (nothing changed) where that cannot help."""

@@ -83,7 +83,11 @@ def test_decode_attention_matches_sdpa(kv_index: list[int]) -> None:
     lengths = torch.tensor([11, 4, 7])  # rows shorter than kv_len see only their own context
     mask = (torch.arange(kv_len) < lengths[:, None]).view(batch, 1, 1, kv_len)
     idx = torch.tensor(kv_index)
-    got = decode_attention(q, keys, values, ~mask, idx, kv_group_size(kv_index), d**-0.5)
+    group = kv_group_size(kv_index)
+    kvh_used = kvh if group is not None else len(kv_index)
+    bias = torch.zeros(batch, 1, 1, kv_len).masked_fill(~mask, float("-inf"))
+    bias = bias.expand(batch, kvh_used, 1, kv_len).reshape(-1, 1, kv_len)
+    got = decode_attention(q, keys, values, bias, idx, group, d**-0.5)
     want = _sdpa_reference(q, keys, values, mask, idx, d**-0.5)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert (kv_group_size(kv_index) is None) == (kv_index == [0, 0, 1, 1, 1])

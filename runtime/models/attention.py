@@ -46,6 +46,20 @@ class AttentionBatch:
             self._masks[key] = allowed.unsqueeze(1)
         return self._masks[key]
 
+    def decode_bias(self, key_len: int, kv_heads: int) -> torch.Tensor:
+        """(batch * kv_heads, 1, key_len) fp32: 0 where a decode query may attend, -inf where
+        not; added to the scores by `decode_attention`. Built once per step."""
+        key = f"bias{key_len},{kv_heads}"
+        if key not in self._index:
+            allowed = self.mask(key_len)  # (batch, 1, 1, key_len)
+            bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+            bias.masked_fill_(~allowed, float("-inf"))
+            b = allowed.shape[0]
+            self._index[key] = bias.expand(b, kv_heads, 1, key_len).reshape(-1, 1, key_len)
+        bias = self._index[key]
+        assert bias is not None
+        return bias
+
     def store_index(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(cache slots of the real new tokens, their rows in the flattened (batch * seq)
         tokens, or None when every token is real). Built once per step."""
@@ -64,18 +78,12 @@ class AttentionBatch:
         """fn (a per-token map, like an MLP) applied to the real tokens of x (batch, seq, dim)
         only; padding rows come back as zeros. A prefill batch padded to its longest prompt
         would otherwise spend its largest matmuls on padding."""
-        return self.tokenwise_parts(lambda t: [fn(t)], x)[0]
-
-    def tokenwise_parts(self, fn: Callable[[torch.Tensor], list[torch.Tensor]],
-                        x: torch.Tensor) -> list[torch.Tensor]:
-        """`tokenwise` for a map with several outputs (merged q/k/v projections)."""
         _, rows = self.store_index()
         if rows is None:
             return fn(x)
         b, s, dim = x.shape
-        ys = fn(x.reshape(b * s, dim)[rows])  # each (real tokens, out)
-        return [y.new_zeros(b * s, y.shape[-1]).index_copy_(0, rows, y).view(b, s, -1)
-                for y in ys]
+        y = fn(x.reshape(b * s, dim)[rows])  # (real tokens, out)
+        return y.new_zeros(b * s, y.shape[-1]).index_copy_(0, rows, y).view(b, s, -1)
 
     def context_slots(self, block_size: int) -> torch.Tensor:
         """(batch, kv_len) cache slot of every context position (padding rows read block 0,
@@ -126,8 +134,8 @@ def paged_attention(
     new_k, new_v = k.reshape(-1, kv_heads, d), v.reshape(-1, kv_heads, d)
     if rows is not None:  # drop padding tokens
         new_k, new_v = new_k[rows], new_v[rows]
-    flat_k.index_copy_(0, slots, new_k.to(flat_k.dtype))
-    flat_v.index_copy_(0, slots, new_v.to(flat_v.dtype))
+    flat_k.index_copy_(0, slots, new_k if new_k.dtype == flat_k.dtype else new_k.to(flat_k.dtype))
+    flat_v.index_copy_(0, slots, new_v if new_v.dtype == flat_v.dtype else new_v.to(flat_v.dtype))
     if batch.fresh:
         keys, values = k, v  # whole context is this step's tokens
     else:
@@ -135,8 +143,9 @@ def paged_attention(
         keys = flat_k.index_select(0, ctx).view(b, batch.kv_len, kv_heads, d)
         values = flat_v.index_select(0, ctx).view(b, batch.kv_len, kv_heads, d)
     if q.shape[1] == 1:
-        hidden = batch.mask(keys.shape[1], hidden=True)
-        return decode_attention(q, keys, values, hidden, kv_index, kv_group, scale)
+        kv_heads_used = kv_heads if kv_group is not None else q.shape[2]
+        bias = batch.decode_bias(keys.shape[1], kv_heads_used)
+        return decode_attention(q, keys, values, bias, kv_index, kv_group, scale)
     keys = keys.index_select(2, kv_index).transpose(1, 2)  # (batch, heads, kv_len, head_dim)
     values = values.index_select(2, kv_index).transpose(1, 2)
     mask = batch.mask(keys.shape[2])
@@ -150,28 +159,32 @@ def decode_attention(
     q: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    hidden: torch.Tensor,
+    bias: torch.Tensor,
     kv_index: torch.Tensor,
     kv_group: int | None,
     scale: float,
 ) -> torch.Tensor:
-    """One new token per sequence: two small matmuls in fp32 instead of SDPA.
+    """One new token per sequence: two small batched matmuls in fp32 instead of SDPA.
 
     For a single query row, CPU SDPA (and expanding kv heads for it) costs several times the
     arithmetic; grouping the query heads by their kv head reads each cached key once, and fp32
-    scores and softmax keep it at least as accurate as SDPA's fused kernel.
+    scores and softmax keep it at least as accurate as SDPA's fused kernel. Few ops on purpose:
+    each small op costs several microseconds right after a weight stream has cooled the caches.
     q: (batch, 1, heads, head_dim); keys, values: (batch, kv_len, kv_heads, head_dim);
-    hidden: (batch, 1, 1, kv_len), True for keys a row must not see.
-    Returns (batch, 1, heads, head_dim).
+    bias: (batch * kv_heads, 1, kv_len), -inf for keys a row must not see (`decode_bias`; with
+    an irregular head map, kv_heads = heads). Returns (batch, 1, heads, head_dim).
     """
     b, _, heads, d = q.shape
     if kv_group is None:  # irregular head map: give every query head its own copy of its kv head
         keys, values, kv_group = keys.index_select(2, kv_index), values.index_select(2, kv_index), 1
-    kv_heads = heads // kv_group
-    qg = q.reshape(b, kv_heads, kv_group, d).float()  # (batch, kv_heads, group, head_dim)
-    k = keys.transpose(1, 2).float()  # (batch, kv_heads, kv_len, head_dim)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale)  # (batch, kv_heads, group, kv_len)
-    scores.masked_fill_(hidden, float("-inf"))
-    probs = scores.softmax(-1)
-    out = torch.matmul(probs, values.transpose(1, 2).float())  # (batch, kv_heads, group, head_dim)
-    return out.reshape(b, 1, heads, d).to(q.dtype)
+    n, kv_len = b * (heads // kv_group), keys.shape[1]
+    f32 = torch.float32
+    qg = q.reshape(n, kv_group, d).to(f32)  # (batch * kv_heads, group, head_dim)
+    # (batch * kv_heads, kv_len, head_dim) fp32 in one copy: the cast makes low-precision keys
+    # contiguous, and for fp32 keys (which `to` returns as they are) reshape copies
+    contiguous = torch.contiguous_format
+    k = keys.transpose(1, 2).to(f32, memory_format=contiguous).reshape(n, kv_len, d)
+    v = values.transpose(1, 2).to(f32, memory_format=contiguous).reshape(n, kv_len, d)
+    scores = torch.baddbmm(bias, qg, k.transpose(1, 2), alpha=scale)  # (n, group, kv_len)
+    out = torch.bmm(scores.softmax(-1), v)  # (batch * kv_heads, group, head_dim)
+    return out.view(b, 1, heads, d).to(q.dtype)

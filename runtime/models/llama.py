@@ -73,9 +73,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalised in fp32 like the reference (one fused op), then back to the activation dtype
-        xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * xf.to(x.dtype)
+        # F.rms_norm computes in fp32 and rounds once to x's dtype: bit-identical to the
+        # reference's x.float() -> normalise -> .to(dtype), in one op instead of three
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 class LlamaAttention(nn.Module):
@@ -102,11 +102,12 @@ class LlamaAttention(nn.Module):
         batch: AttentionBatch, cache: KVCache,
     ) -> torch.Tensor:
         b, s, _ = x.shape  # (batch, seq, hidden)
-        q, k, v = batch.tokenwise_parts(self.qkv, x)
-        q = q.view(b, s, self.heads, self.head_dim)
-        k = k.view(b, s, self.kv_heads, self.head_dim)
-        v = v.view(b, s, self.kv_heads, self.head_dim)
-        q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
+        h, kvh, d = self.heads, self.kv_heads, self.head_dim
+        qkv = batch.tokenwise(self.qkv.fused, x)  # (batch, seq, (heads + 2 kv_heads) * head_dim)
+        # q and k side by side: one RoPE for both
+        qk = apply_rope(qkv[..., : (h + kvh) * d].view(b, s, h + kvh, d), *cos_sin)
+        q, k = qk.split([h, kvh], dim=2)
+        v = qkv[..., (h + kvh) * d :].view(b, s, kvh, d)
         out = paged_attention(q, k, v, cache, batch, self.kv_index, self.scale,
                               self.kv_group)
         return batch.tokenwise(self.o_proj, out.reshape(b, s, self.heads * self.head_dim))
