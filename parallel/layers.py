@@ -203,6 +203,7 @@ def prepack_linears(model: nn.Module) -> int:
             if isinstance(group, MergedColumns) and group.packed is None:
                 packed += group.fuse()
     for m in model.modules():
+        # a part of a fused group has already given up its weight (0 rows)
         if (not isinstance(m, (ColumnParallelLinear, RowParallelLinear)) or m.packed is not None
                 or m.weight.shape[0] == 0):
             continue

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -16,6 +19,8 @@ class AttentionBatch:
     `slot_mapping` gives each new token's cache slot (block * block_size + offset, -1 for
     padding); `block_tables` each sequence's blocks; `kv_len` the longest context this step.
     `fresh` means no sequence has cached tokens yet, so attention can skip the cache read.
+    The methods build their per-step values (masks, slot indices) once and share them across
+    layers.
     """
 
     positions: torch.Tensor  # (batch, seq) long
@@ -25,53 +30,50 @@ class AttentionBatch:
     kv_len: int
     fresh: bool
     sliding_window: int | None = None
-    _masks: dict[tuple[int, int | None, bool], torch.Tensor] = field(default_factory=dict,
-                                                                     repr=False)
-    _index: dict[str, torch.Tensor | None] = field(default_factory=dict, repr=False)
+    _memo: dict[tuple[object, ...], Any] = field(default_factory=dict, repr=False)
 
-    def mask(self, key_len: int, hidden: bool = False) -> torch.Tensor:
-        """(batch, 1, seq, key_len) boolean: causal (and windowed) over absolute positions;
-        True where a query may attend, or with `hidden`, where it may not. Built once per
-        step and shared by every layer."""
-        key = (key_len, self.sliding_window, hidden)
-        if key not in self._masks:
-            if hidden:
-                self._masks[key] = ~self.mask(key_len)
-                return self._masks[key]
+    def _once(self, key: tuple[object, ...], build: Callable[[], T]) -> T:
+        """Per-step values are built on first use and shared by every layer."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
+    def mask(self, key_len: int) -> torch.Tensor:
+        """(batch, 1, seq, key_len) boolean: causal (and windowed) over absolute positions,
+        True where a query may attend."""
+        def build() -> torch.Tensor:
             keys = torch.arange(key_len, device=self.positions.device)
             q = self.positions.unsqueeze(-1)  # (batch, seq, 1)
             allowed = keys <= q
             if self.sliding_window is not None:
                 allowed &= keys > q - self.sliding_window
-            self._masks[key] = allowed.unsqueeze(1)
-        return self._masks[key]
+            return allowed.unsqueeze(1)
+
+        return self._once(("mask", key_len, self.sliding_window), build)
 
     def decode_bias(self, key_len: int, kv_heads: int) -> torch.Tensor:
         """(batch * kv_heads, 1, key_len) fp32: 0 where a decode query may attend, -inf where
-        not; added to the scores by `decode_attention`. Built once per step."""
-        key = f"bias{key_len},{kv_heads}"
-        if key not in self._index:
+        not; added to the scores by `decode_attention`."""
+        def build() -> torch.Tensor:
             allowed = self.mask(key_len)  # (batch, 1, 1, key_len)
             bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
             bias.masked_fill_(~allowed, float("-inf"))
-            b = allowed.shape[0]
-            self._index[key] = bias.expand(b, kv_heads, 1, key_len).reshape(-1, 1, key_len)
-        bias = self._index[key]
-        assert bias is not None
-        return bias
+            return bias.expand(-1, kv_heads, 1, key_len).reshape(-1, 1, key_len)
+
+        return self._once(("bias", key_len, kv_heads, self.sliding_window), build)
 
     def store_index(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(cache slots of the real new tokens, their rows in the flattened (batch * seq)
-        tokens, or None when every token is real). Built once per step."""
-        if "slots" not in self._index:
+        tokens, or None when every token is real)."""
+        def build() -> tuple[torch.Tensor, torch.Tensor | None]:
             flat = self.slot_mapping.flatten()
             valid = flat >= 0
-            rows = None if bool(valid.all()) else valid.nonzero().squeeze(1)
-            self._index["slots"] = flat if rows is None else flat[rows]
-            self._index["rows"] = rows
-        slots = self._index["slots"]
-        assert slots is not None
-        return slots, self._index["rows"]
+            if bool(valid.all()):
+                return flat, None
+            rows = valid.nonzero().squeeze(1)
+            return flat[rows], rows
+
+        return self._once(("store",), build)
 
     def tokenwise(self, fn: Callable[[torch.Tensor], torch.Tensor],
                   x: torch.Tensor) -> torch.Tensor:
@@ -87,14 +89,13 @@ class AttentionBatch:
 
     def context_slots(self, block_size: int) -> torch.Tensor:
         """(batch, kv_len) cache slot of every context position (padding rows read block 0,
-        which the mask hides). Built once per step."""
-        if "context" not in self._index:
+        which the mask hides)."""
+        def build() -> torch.Tensor:
             pos = torch.arange(self.kv_len, device=self.block_tables.device)
             blocks = self.block_tables[:, pos // block_size]  # (batch, kv_len)
-            self._index["context"] = blocks * block_size + pos % block_size
-        ctx = self._index["context"]
-        assert ctx is not None
-        return ctx
+            return blocks * block_size + pos % block_size
+
+        return self._once(("context", block_size), build)
 
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # each (num_blocks, block_size, kv_heads, head_dim)
@@ -134,8 +135,8 @@ def paged_attention(
     new_k, new_v = k.reshape(-1, kv_heads, d), v.reshape(-1, kv_heads, d)
     if rows is not None:  # drop padding tokens
         new_k, new_v = new_k[rows], new_v[rows]
-    flat_k.index_copy_(0, slots, new_k if new_k.dtype == flat_k.dtype else new_k.to(flat_k.dtype))
-    flat_v.index_copy_(0, slots, new_v if new_v.dtype == flat_v.dtype else new_v.to(flat_v.dtype))
+    flat_k.index_copy_(0, slots, new_k.to(flat_k.dtype))
+    flat_v.index_copy_(0, slots, new_v.to(flat_v.dtype))
     if batch.fresh:
         keys, values = k, v  # whole context is this step's tokens
     else:
@@ -143,8 +144,8 @@ def paged_attention(
         keys = flat_k.index_select(0, ctx).view(b, batch.kv_len, kv_heads, d)
         values = flat_v.index_select(0, ctx).view(b, batch.kv_len, kv_heads, d)
     if q.shape[1] == 1:
-        kv_heads_used = kv_heads if kv_group is not None else q.shape[2]
-        bias = batch.decode_bias(keys.shape[1], kv_heads_used)
+        # an irregular head map is attended head by head (group 1)
+        bias = batch.decode_bias(keys.shape[1], q.shape[2] // (kv_group or 1))
         return decode_attention(q, keys, values, bias, kv_index, kv_group, scale)
     keys = keys.index_select(2, kv_index).transpose(1, 2)  # (batch, heads, kv_len, head_dim)
     values = values.index_select(2, kv_index).transpose(1, 2)
