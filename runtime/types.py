@@ -56,6 +56,9 @@ class EngineConfig:
     max_waiting: int = 1024  # queued requests beyond this are refused
     # Pack linear weights for oneDNN after loading (CPU bf16; see parallel/kernels.py).
     prepack_weights: bool = True
+    # Fused CPU kernels for norms, RoPE + cache store, decode attention and SwiGLU (CPU bf16 /
+    # fp16; compiled on first use, see parallel/native.py). Unavailable: the torch ops.
+    native_kernels: bool = True
 
 
 @dataclass

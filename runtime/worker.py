@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 from parallel import ParallelContext
 from parallel.collectives import all_gather_object
 from parallel.layers import prepack_linears
+from parallel.native import NativeBuildError, attach_native, load_cpu_ops, native_wanted
 from runtime.engine import LLMEngine, ModelInfo, worker_loop
 from runtime.kv_cache import allocate_caches, bytes_per_block
 from runtime.loader import LoadReport, load_stage
@@ -22,6 +24,8 @@ from runtime.types import EngineConfig
 from sharding.checkpoint import HFCheckpoint, read_config
 from sharding.rules import ArchRules, rules_for
 from sharding.shards import ShardFolder, is_shard_folder
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -108,6 +112,17 @@ def _eos_ids(path: Path, cfg: dict[str, Any]) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
+def use_native_kernels(model: torch.nn.Module) -> bool:
+    """Attach the fused CPU kernels to `model`; where they cannot be built, say why once and
+    keep the torch ops (same results up to fp32 summation order)."""
+    try:
+        ops = load_cpu_ops()
+    except NativeBuildError as e:
+        log.warning("fused CPU kernels unavailable, using torch ops: %s", e)
+        return False
+    return attach_native(model, ops) > 0
+
+
 def build_rank(spec: EngineSpec, ctx: ParallelContext) -> tuple[ModelRunner, ModelInfo,
                                                                    LoadReport]:
     """Construct this rank's stage, load its weights and allocate its KV cache."""
@@ -120,6 +135,8 @@ def build_rank(spec: EngineSpec, ctx: ParallelContext) -> tuple[ModelRunner, Mod
     report = load_stage(model, source, rules, ctx.tp_rank, ctx.pp_rank)
     if spec.engine.prepack_weights:
         prepack_linears(model)
+    if spec.engine.native_kernels and native_wanted(dtype, ctx.device):
+        use_native_kernels(model)
     num_blocks = kv_blocks(spec, rules, dtype)
     hl = rules.heads(ctx.tp_rank)
     caches = allocate_caches(list(layers), num_blocks, spec.engine.block_size, hl.num_kv,

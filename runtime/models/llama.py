@@ -20,6 +20,7 @@ from parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from parallel.native import CpuOps
 from runtime.models.attention import AttentionBatch, KVCache, kv_group_size, paged_attention
 from runtime.models.rope import apply_rope, inv_freq_and_scale, rope_cos_sin
 
@@ -67,18 +68,35 @@ class LlamaConfig:
 
 
 class RMSNorm(nn.Module):
+    native: CpuOps | None = None  # fused CPU kernels, see parallel.native.attach_native
+
     def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None and x.is_contiguous():
+            return self.native.rms_norm(x, self.weight, self.eps)[0]
         # F.rms_norm computes in fp32 and rounds once to x's dtype: bit-identical to the
         # reference's x.float() -> normalise -> .to(dtype), in one op instead of three
         return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
+    def add_norm(self, x: torch.Tensor,
+                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual stream's add fused into the norm
+        that reads it; without a residual, (norm(x), x)."""
+        if residual is None:
+            return self(x), x
+        if self.native is not None and x.is_contiguous() and residual.is_contiguous():
+            return self.native.rms_norm(x, self.weight, self.eps, residual)
+        total = x + residual
+        return self(total), total
+
 
 class LlamaAttention(nn.Module):
+    native: CpuOps | None = None  # fused CPU kernels, see parallel.native.attach_native
+
     def __init__(self, cfg: LlamaConfig, ctx: ParallelContext, dtype: torch.dtype) -> None:
         super().__init__()
         hl = head_layout(cfg.num_heads, cfg.num_kv_heads, ctx.tp, ctx.tp_rank)
@@ -103,6 +121,8 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         b, s, _ = x.shape  # (batch, seq, hidden)
         h, kvh, d = self.heads, self.kv_heads, self.head_dim
+        if self.native is not None and s == 1 and cache[0].dtype == x.dtype:
+            return self._native_decode(self.native, x, cos_sin, batch, cache)
         qkv = batch.tokenwise(self.qkv.fused, x)  # (batch, seq, (heads + 2 kv_heads) * head_dim)
         # q and k side by side: one RoPE for both
         qk = apply_rope(qkv[..., : (h + kvh) * d].view(b, s, h + kvh, d), *cos_sin)
@@ -112,8 +132,25 @@ class LlamaAttention(nn.Module):
                               self.kv_group)
         return batch.tokenwise(self.o_proj, out.reshape(b, s, self.heads * self.head_dim))
 
+    def _native_decode(self, ops: CpuOps, x: torch.Tensor,
+                       cos_sin: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch,
+                       cache: KVCache) -> torch.Tensor:
+        """One new token per row: qkv, then two fused kernels (RoPE + cache store; attention
+        straight over the paged cache, no gathered copy of the context), then o_proj."""
+        b, d = x.shape[0], self.head_dim
+        qkv = self.qkv.fused(x.view(b, -1))  # (batch, (heads + 2 kv_heads) * head_dim)
+        cos, sin = (t.reshape(b, d) for t in cos_sin)
+        q = ops.rope_store(qkv, cos, sin, cache[0], cache[1], batch.slot_mapping.reshape(b),
+                           self.heads, self.kv_heads)
+        out = ops.decode_attention(q, cache[0], cache[1], batch.block_tables,
+                                   batch.positions.reshape(b), self.kv_index, self.scale,
+                                   batch.sliding_window)
+        return self.o_proj(out.view(b, 1, self.heads * d))  # (batch, 1, hidden)
+
 
 class LlamaMLP(nn.Module):
+    native: CpuOps | None = None  # fused CPU kernels, see parallel.native.attach_native
+
     def __init__(self, cfg: LlamaConfig, ctx: ParallelContext, dtype: torch.dtype) -> None:
         super().__init__()
         sizes = split_sizes(cfg.intermediate_size, ctx.tp)
@@ -124,6 +161,8 @@ class LlamaMLP(nn.Module):
         self.gate_up = MergedColumns(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            return self.down_proj(self.native.silu_mul(self.gate_up.fused(x)))
         gate, up = self.gate_up(x)  # (batch, seq, intermediate / tp) each
         return self.down_proj(F.silu(gate) * up)
 
@@ -136,10 +175,16 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(cfg, ctx, dtype)
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                batch: AttentionBatch, cache: KVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, batch, cache)
-        return x + batch.tokenwise(self.mlp, self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
+                cos_sin: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch,
+                cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output, not yet added to the residual stream (None
+        before the first layer: x is the stream). Returns (this MLP's output, the stream);
+        the adds are fused into the norms that read the stream."""
+        h, residual = self.input_layernorm.add_norm(x, residual)
+        h, residual = self.post_attention_layernorm.add_norm(
+            self.self_attn(h, cos_sin, batch, cache), residual)
+        return batch.tokenwise(self.mlp, h), residual
 
 
 class LlamaBody(nn.Module):
@@ -183,9 +228,10 @@ class LlamaForCausalLM(nn.Module):
         batch.sliding_window = self.cfg.sliding_window
         x = self.model.embed_tokens(tokens) if tokens is not None else hidden
         cos_sin = rope_cos_sin(batch.positions, self.inv_freq, self.rope_scale, x.dtype)
+        residual = None
         for i in self.layer_ids:
-            x = self.model.layers[str(i)](x, cos_sin, batch, caches[i])
-        return x
+            x, residual = self.model.layers[str(i)](x, residual, cos_sin, batch, caches[i])
+        return x if residual is None else x + residual
 
     def compute_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         """(batch, hidden_size) -> full-vocabulary logits (batch, vocab), on the last stage."""

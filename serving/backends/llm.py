@@ -81,6 +81,7 @@ class LLMSettings:
             microbatches=int_param(config, "microbatches", d.microbatches, 0),
             max_waiting=int_param(config, "max_waiting", d.max_waiting, 1),
             prepack_weights=bool_param(config, "prepack_weights", d.prepack_weights),
+            native_kernels=bool_param(config, "native_kernels", d.native_kernels),
         )
         return cls(model, int_param(config, "tp", 1, 1), int_param(config, "pp", 1, 1), dtype,
                    engine, backend, mode)

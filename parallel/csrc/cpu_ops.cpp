@@ -1,0 +1,255 @@
+// Fused CPU kernels for the decode step of Llama-family models (see parallel/native.py).
+//
+// A batch-1 decode step is dominated by reading the weights once; everything between two
+// weight streams (norms, RoPE, the KV-cache store, attention over a few hundred keys) is tiny
+// and, as separate torch ops, costs more in dispatch than in arithmetic. Each function here
+// does one such stretch in one call. Low-precision results are rounded at the same points as
+// the torch ops they replace (an fp32 computation rounded once per torch op), so only the
+// order of fp32 summation differs.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// Work below this many multiply-adds per chunk runs on the calling thread: waking the
+// thread pool costs more than such chunks.
+constexpr int64_t kGrainWork = 1 << 15;
+
+int64_t grain_for(int64_t work_per_unit) {
+  return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, work_per_unit));
+}
+
+template <typename T>
+inline T round_to(float v) { return static_cast<T>(v); }
+
+template <typename T>
+void rms_norm_rows(const T* x, const T* res, const T* w, T* out, T* sum, int64_t rows,
+                   int64_t dim, float eps) {
+  at::parallel_for(0, rows, grain_for(dim), [&](int64_t r0, int64_t r1) {
+    std::vector<float> h(dim);
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * dim;
+      float ss = 0.f;
+      for (int64_t i = 0; i < dim; ++i) {
+        // residual add rounded to T, as `x + residual` would be
+        float v = res ? float(round_to<T>(float(xr[i]) + float(res[r * dim + i]))) : float(xr[i]);
+        if (sum) sum[r * dim + i] = round_to<T>(v);
+        h[i] = v;
+        ss += v * v;
+      }
+      float inv = 1.f / std::sqrt(ss / float(dim) + eps);
+      for (int64_t i = 0; i < dim; ++i)  // normalised value rounded to T, then times weight
+        out[r * dim + i] = round_to<T>(float(w[i]) * float(round_to<T>(h[i] * inv)));
+    }
+  });
+}
+
+// rms_norm(x [+ residual]) * weight over the last dim. Returns (normed, x + residual); the
+// second is x itself when there is no residual.
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight,
+                                            double eps, const std::optional<at::Tensor>& res) {
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "rms_norm: contiguous inputs");
+  const int64_t dim = x.size(-1), rows = x.numel() / dim;
+  TORCH_CHECK(weight.numel() == dim && weight.scalar_type() == x.scalar_type(),
+              "rms_norm: weight must be (", dim, ") of x's dtype");
+  if (res) TORCH_CHECK(res->sizes() == x.sizes() && res->is_contiguous() &&
+                       res->scalar_type() == x.scalar_type(), "rms_norm: residual like x");
+  auto out = at::empty_like(x);
+  auto sum = res ? at::empty_like(x) : x;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    rms_norm_rows<scalar_t>(x.data_ptr<scalar_t>(), res ? res->data_ptr<scalar_t>() : nullptr,
+                            weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                            res ? sum.data_ptr<scalar_t>() : nullptr, rows, dim, float(eps));
+  });
+  return {out, sum};
+}
+
+// x * cos + roll(x, d / 2) * signed_sin, each product and the sum rounded to T like the
+// three torch ops it replaces.
+template <typename T>
+inline void rope_row(const T* x, const T* cos, const T* sin, T* out, int64_t d) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < d; ++i) {
+    const T rolled = x[i < half ? i + half : i - half];
+    out[i] = round_to<T>(float(round_to<T>(float(x[i]) * float(cos[i]))) +
+                         float(round_to<T>(float(rolled) * float(sin[i]))));
+  }
+}
+
+template <typename T>
+void rope_store_impl(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                     at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots,
+                     at::Tensor& q_out, int64_t heads, int64_t kv_heads, int64_t d) {
+  const int64_t tokens = qkv.size(0), width = qkv.size(1), rope_heads = heads + kv_heads;
+  const T* src = qkv.data_ptr<T>();
+  const T* c = cos.data_ptr<T>();
+  const T* s = sin.data_ptr<T>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  T* kc = k_cache.data_ptr<T>();
+  T* vc = v_cache.data_ptr<T>();
+  T* q = q_out.data_ptr<T>();
+  at::parallel_for(0, tokens, grain_for(width), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const T* row = src + t * width;
+      for (int64_t h = 0; h < heads; ++h)
+        rope_row(row + h * d, c + t * d, s + t * d, q + (t * heads + h) * d, d);
+      if (slot[t] < 0) continue;  // padding: nothing to cache
+      T* kdst = kc + slot[t] * kv_heads * d;
+      for (int64_t h = heads; h < rope_heads; ++h)
+        rope_row(row + h * d, c + t * d, s + t * d, kdst + (h - heads) * d, d);
+      std::copy(row + rope_heads * d, row + width, vc + slot[t] * kv_heads * d);
+    }
+  });
+}
+
+// qkv: (tokens, (heads + 2 kv_heads) * d) -> RoPE'd q (tokens, heads, d); RoPE'd k and v are
+// written to their cache slots (slot -1: not stored). cos, sin: (tokens, d), sin signed.
+at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                      at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
+                      int64_t heads, int64_t kv_heads) {
+  const int64_t d = k_cache.size(-1), tokens = qkv.size(0);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.size(1) == (heads + 2 * kv_heads) * d,
+              "rope_store: qkv must be (tokens, (heads + 2 kv_heads) * head_dim)");
+  TORCH_CHECK(d % 2 == 0, "rope_store: head_dim must be even");
+  for (const auto* t : {&cos, &sin})
+    TORCH_CHECK(t->is_contiguous() && t->numel() == tokens * d &&
+                t->scalar_type() == qkv.scalar_type(), "rope_store: cos/sin (tokens, head_dim)");
+  for (const auto* t : {&k_cache, &v_cache})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == qkv.scalar_type() &&
+                t->size(-2) == kv_heads, "rope_store: cache (blocks, block, kv_heads, d)");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == tokens,
+              "rope_store: one int64 slot per token");
+  auto q = at::empty({tokens, heads, d}, qkv.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rope_store", [&] {
+    rope_store_impl<scalar_t>(qkv, cos, sin, k_cache, v_cache, slots, q, heads, kv_heads, d);
+  });
+  return q;
+}
+
+template <typename T>
+void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& block_tables,
+                           const at::Tensor& positions, const at::Tensor& kv_index,
+                           double scale, int64_t window, at::Tensor& out) {
+  const int64_t b = q.size(0), heads = q.size(1), d = q.size(2);
+  const int64_t block = k_cache.size(1), kv_heads = k_cache.size(2);
+  const int64_t max_blocks = block_tables.size(1);
+  const int64_t max_len = *std::max_element(positions.data_ptr<int64_t>(),
+                                             positions.data_ptr<int64_t>() + b) + 1;
+  const T* qp = q.data_ptr<T>();
+  const T* kc = k_cache.data_ptr<T>();
+  const T* vc = v_cache.data_ptr<T>();
+  const int64_t* bt = block_tables.data_ptr<int64_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* kvi = kv_index.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, b * heads, grain_for(2 * max_len * d), [&](int64_t u0, int64_t u1) {
+    std::vector<float> p(max_len), qf(d), acc(d);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t row = u / heads, kvh = kvi[u % heads], last = pos[row];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
+      for (int64_t i = 0; i < d; ++i) qf[i] = float(qp[u * d + i]);
+      float top = -INFINITY;
+      for (int64_t j = first; j <= last; ++j) {
+        const int64_t slot = bt[row * max_blocks + j / block] * block + j % block;
+        const T* key = kc + (slot * kv_heads + kvh) * d;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < d; ++i) dot += qf[i] * float(key[i]);
+        p[j - first] = dot * float(scale);
+        top = std::max(top, p[j - first]);
+      }
+      float total = 0.f;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = first; j <= last; ++j) {
+        const float e = std::exp(p[j - first] - top);
+        total += e;
+        const int64_t slot = bt[row * max_blocks + j / block] * block + j % block;
+        const T* val = vc + (slot * kv_heads + kvh) * d;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) acc[i] += e * float(val[i]);
+      }
+      for (int64_t i = 0; i < d; ++i) op[u * d + i] = round_to<T>(acc[i] / total);
+    }
+  });
+}
+
+// One new token per sequence: q (batch, heads, d) attends to cached keys 0..positions[row]
+// (the last `window` of them when window > 0) of its sequence, through its block table;
+// query head h reads kv head kv_index[h]. Scores, softmax and sums in fp32.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            const at::Tensor& positions, const at::Tensor& kv_index,
+                            double scale, int64_t window) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "decode_attention: q (batch, heads, d)");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              k_cache.scalar_type() == q.scalar_type() && v_cache.sizes() == k_cache.sizes() &&
+              k_cache.size(-1) == q.size(2), "decode_attention: caches like q");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() &&
+              block_tables.size(0) == q.size(0), "decode_attention: block_tables (batch, n)");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == q.size(0),
+              "decode_attention: one position per row");
+  TORCH_CHECK(kv_index.scalar_type() == at::kLong && kv_index.numel() == q.size(1),
+              "decode_attention: one kv head per query head");
+  auto out = at::empty_like(q);
+  if (q.numel() == 0) return out;
+  auto pos = positions.contiguous();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  const int64_t limit = block_tables.size(1) * k_cache.size(1);
+  for (int64_t i = 0; i < pos.numel(); ++i)
+    TORCH_CHECK(pp[i] >= 0 && pp[i] < limit, "decode_attention: position ", pp[i],
+                " outside the block table's ", limit, " slots");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attn", [&] {
+    decode_attention_impl<scalar_t>(q, k_cache, v_cache, block_tables, pos,
+                                    kv_index.contiguous(), scale, window, out);
+  });
+  return out;
+}
+
+template <typename T>
+void silu_mul_impl(const T* gu, T* out, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, grain_for(n), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* g = gu + r * 2 * n;
+      for (int64_t i = 0; i < n; ++i) {
+        const float x = float(g[i]);
+        const T act = round_to<T>(x / (1.f + std::exp(-x)));  // F.silu, rounded
+        out[r * n + i] = round_to<T>(float(act) * float(g[n + i]));
+      }
+    }
+  });
+}
+
+// gate_up: (..., 2n), gate then up -> silu(gate) * up: (..., n).
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.is_contiguous() && gate_up.size(-1) % 2 == 0,
+              "silu_mul: contiguous (..., 2n) input");
+  const int64_t n = gate_up.size(-1) / 2, rows = gate_up.numel() / std::max<int64_t>(1, 2 * n);
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() = n;
+  auto out = at::empty(sizes, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_mul",
+                                  [&] {
+    silu_mul_impl<scalar_t>(gate_up.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, n);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(shardserve, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor? residual=None) -> (Tensor, Tensor)",
+        &rms_norm);
+  m.def("rope_store(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, Tensor slots, int heads, int kv_heads) -> Tensor", &rope_store);
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor positions, Tensor kv_index, float scale, int window) -> Tensor",
+        &decode_attention);
+  m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
+}
