@@ -51,7 +51,10 @@ def _compile_command(src: Path, out: Path) -> list[str]:
 
     torch_lib = str(Path(torch.__file__).parent / "lib")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return [os.environ.get("CXX", "c++"), "-O3", "-march=native", "-fopenmp", "-std=c++17",
+    # -ffp-contract=off: no implicit a * b + c -> fma, so element-wise results round exactly
+    # like the torch ops they replace (the kernels' dot products use fma explicitly)
+    return [os.environ.get("CXX", "c++"), "-O3", "-march=native", "-ffp-contract=off",
+            "-fopenmp", "-std=c++17",
             "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
             *[f"-I{p}" for p in cpp_extension.include_paths()], str(src), "-o", str(out),
             f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]

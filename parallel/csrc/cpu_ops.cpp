@@ -41,7 +41,7 @@ void rms_norm_rows(const T* x, const T* res, const T* w, T* out, T* sum, int64_t
         float v = res ? float(round_to<T>(float(xr[i]) + float(res[r * dim + i]))) : float(xr[i]);
         if (sum) sum[r * dim + i] = round_to<T>(v);
         h[i] = v;
-        ss += v * v;
+        ss = std::fma(v, v, ss);
       }
       float inv = 1.f / std::sqrt(ss / float(dim) + eps);
       for (int64_t i = 0; i < dim; ++i)  // normalised value rounded to T, then times weight
@@ -161,7 +161,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
         const T* key = kc + (slot * kv_heads + kvh) * d;
         float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < d; ++i) dot += qf[i] * float(key[i]);
+        for (int64_t i = 0; i < d; ++i) dot = std::fma(qf[i], float(key[i]), dot);
         p[j - first] = dot * float(scale);
         top = std::max(top, p[j - first]);
       }
@@ -173,7 +173,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
         const int64_t slot = bt[row * max_blocks + j / block] * block + j % block;
         const T* val = vc + (slot * kv_heads + kvh) * d;
 #pragma omp simd
-        for (int64_t i = 0; i < d; ++i) acc[i] += e * float(val[i]);
+        for (int64_t i = 0; i < d; ++i) acc[i] = std::fma(e, float(val[i]), acc[i]);
       }
       for (int64_t i = 0; i < d; ++i) op[u * d + i] = round_to<T>(acc[i] / total);
     }
