@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -27,6 +29,30 @@ int64_t grain_for(int64_t work_per_unit) {
 
 template <typename T>
 inline T round_to(float v) { return static_cast<T>(v); }
+
+// e^x within ~2 ulp, branch-free so that loops over it vectorise (libm's expf does not):
+// e^x = 2^n e^r with n = round(x / ln 2), |r| <= ln 2 / 2, e^r by Cephes' polynomial.
+inline float exp_fast(float x) {
+  const float xc = std::min(std::max(x, -87.f), 88.f);
+  const float magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float shifted = std::fma(xc, 1.44269504089f, magic);
+  const float n = shifted - magic;
+  float r = std::fma(n, -0.693359375f, xc);
+  r = std::fma(n, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = std::fma(p, r, 1.3981999507e-3f);
+  p = std::fma(p, r, 8.3334519073e-3f);
+  p = std::fma(p, r, 4.1665795894e-2f);
+  p = std::fma(p, r, 1.6666665459e-1f);
+  p = std::fma(p, r, 5.0000001201e-1f);
+  const float y = std::fma(p, r * r, r) + 1.f;
+  int32_t bits;
+  std::memcpy(&bits, &shifted, sizeof bits);
+  bits = (bits - 0x4B400000 + 127) << 23;  // 2^n
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x > 88.f ? INFINITY : (x < -87.f ? 0.f : y * scale);
+}
 
 template <typename T>
 void rms_norm_rows(const T* x, const T* res, const T* w, T* out, T* sum, int64_t rows,
@@ -132,6 +158,58 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
   return q;
 }
 
+// One sequence's cached keys and values, read through its block table.
+template <typename T>
+struct PagedSequence {
+  const T* k;
+  const T* v;
+  const int64_t* table;
+  int64_t block, kv_heads, d;
+  int64_t offset(int64_t t, int64_t kvh) const {
+    return ((table[t / block] * block + t % block) * kv_heads + kvh) * d;
+  }
+};
+
+// g query heads (qf: (g, d) fp32) that share kv head kvh attend to positions
+// first..first+len-1. Scratch: p (g, len), row (d). Writes acc (g, d): the softmax-weighted
+// value sums, already divided by each head's softmax total.
+template <typename T>
+void attend_group(const PagedSequence<T>& seq, int64_t kvh, const float* qf, int64_t g,
+                  int64_t first, int64_t len, float scale, float* p, float* row, float* acc) {
+  const int64_t d = seq.d;
+  for (int64_t j = 0; j < len; ++j) {  // scores (g, len): each key converted once
+    const T* key = seq.k + seq.offset(first + j, kvh);
+    for (int64_t i = 0; i < d; ++i) row[i] = float(key[i]);
+    for (int64_t h = 0; h < g; ++h) {
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < d; ++i) dot = std::fma(qf[h * d + i], row[i], dot);
+      p[h * len + j] = dot * scale;
+    }
+  }
+  for (int64_t h = 0; h < g; ++h) {  // softmax numerators in place
+    float* ph = p + h * len;
+    const float top = *std::max_element(ph, ph + len);
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) ph[j] = exp_fast(ph[j] - top);
+  }
+  std::fill(acc, acc + g * d, 0.f);
+  for (int64_t j = 0; j < len; ++j) {
+    const T* val = seq.v + seq.offset(first + j, kvh);
+    for (int64_t i = 0; i < d; ++i) row[i] = float(val[i]);
+    for (int64_t h = 0; h < g; ++h) {
+      const float e = p[h * len + j];
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) acc[h * d + i] = std::fma(e, row[i], acc[h * d + i]);
+    }
+  }
+  for (int64_t h = 0; h < g; ++h) {
+    float total = 0.f;
+    for (int64_t j = 0; j < len; ++j) total += p[h * len + j];
+    for (int64_t i = 0; i < d; ++i) acc[h * d + i] /= total;
+  }
+}
+
 template <typename T>
 void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& block_tables,
@@ -139,43 +217,32 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
                            double scale, int64_t window, at::Tensor& out) {
   const int64_t b = q.size(0), heads = q.size(1), d = q.size(2);
   const int64_t block = k_cache.size(1), kv_heads = k_cache.size(2);
-  const int64_t max_blocks = block_tables.size(1);
-  const int64_t max_len = *std::max_element(positions.data_ptr<int64_t>(),
-                                             positions.data_ptr<int64_t>() + b) + 1;
-  const T* qp = q.data_ptr<T>();
-  const T* kc = k_cache.data_ptr<T>();
-  const T* vc = v_cache.data_ptr<T>();
-  const int64_t* bt = block_tables.data_ptr<int64_t>();
   const int64_t* pos = positions.data_ptr<int64_t>();
-  const int64_t* kvi = kv_index.data_ptr<int64_t>();
+  const int64_t max_len = *std::max_element(pos, pos + b) + 1;
+  const T* qp = q.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, b * heads, grain_for(2 * max_len * d), [&](int64_t u0, int64_t u1) {
-    std::vector<float> p(max_len), qf(d), acc(d);
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t row = u / heads, kvh = kvi[u % heads], last = pos[row];
+  // query heads grouped by the kv head they read (any map, also an irregular uneven-tp one)
+  std::vector<std::vector<int64_t>> groups(kv_heads);
+  const int64_t* kvi = kv_index.data_ptr<int64_t>();
+  for (int64_t h = 0; h < heads; ++h) groups[kvi[h]].push_back(h);
+  const int64_t per_unit = 2 * max_len * d * std::max<int64_t>(1, heads / kv_heads);
+  at::parallel_for(0, b * kv_heads, grain_for(per_unit), [&](int64_t u0, int64_t u1) {
+    std::vector<float> p(heads * max_len), qf(heads * d), acc(heads * d), row(d);
+    for (int64_t u = u0; u < u1; ++u) {  // unit: one (sequence, kv head)
+      const int64_t r = u / kv_heads, kvh = u % kv_heads, last = pos[r];
+      const std::vector<int64_t>& hs = groups[kvh];
+      const int64_t g = hs.size();
       const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
-      for (int64_t i = 0; i < d; ++i) qf[i] = float(qp[u * d + i]);
-      float top = -INFINITY;
-      for (int64_t j = first; j <= last; ++j) {
-        const int64_t slot = bt[row * max_blocks + j / block] * block + j % block;
-        const T* key = kc + (slot * kv_heads + kvh) * d;
-        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < d; ++i) dot = std::fma(qf[i], float(key[i]), dot);
-        p[j - first] = dot * float(scale);
-        top = std::max(top, p[j - first]);
-      }
-      float total = 0.f;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = first; j <= last; ++j) {
-        const float e = std::exp(p[j - first] - top);
-        total += e;
-        const int64_t slot = bt[row * max_blocks + j / block] * block + j % block;
-        const T* val = vc + (slot * kv_heads + kvh) * d;
-#pragma omp simd
-        for (int64_t i = 0; i < d; ++i) acc[i] = std::fma(e, float(val[i]), acc[i]);
-      }
-      for (int64_t i = 0; i < d; ++i) op[u * d + i] = round_to<T>(acc[i] / total);
+      const PagedSequence<T> seq{k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
+                                 block_tables.data_ptr<int64_t>() + r * block_tables.size(1),
+                                 block, kv_heads, d};
+      for (int64_t h = 0; h < g; ++h)
+        for (int64_t i = 0; i < d; ++i) qf[h * d + i] = float(qp[(r * heads + hs[h]) * d + i]);
+      attend_group(seq, kvh, qf.data(), g, first, last - first + 1, float(scale), p.data(),
+                   row.data(), acc.data());
+      for (int64_t h = 0; h < g; ++h)
+        for (int64_t i = 0; i < d; ++i)
+          op[(r * heads + hs[h]) * d + i] = round_to<T>(acc[h * d + i]);
     }
   });
 }
@@ -219,7 +286,7 @@ void silu_mul_impl(const T* gu, T* out, int64_t rows, int64_t n) {
       const T* g = gu + r * 2 * n;
       for (int64_t i = 0; i < n; ++i) {
         const float x = float(g[i]);
-        const T act = round_to<T>(x / (1.f + std::exp(-x)));  // F.silu, rounded
+        const T act = round_to<T>(x / (1.f + exp_fast(-x)));  // F.silu, rounded
         out[r * n + i] = round_to<T>(float(act) * float(g[n + i]));
       }
     }
