@@ -212,3 +212,13 @@ def prepack_linears(model: nn.Module) -> int:
             packed += 1
             m.weight = nn.Parameter(m.weight.new_empty(0, m.weight.shape[1]), False)
     return packed
+
+
+def packed_weights(model: nn.Module) -> list[torch.Tensor]:
+    """Every packed weight of `model` (linear layers' and merged groups'), for
+    `kernels.move_to_huge_pages`."""
+    found: list[torch.Tensor] = []
+    for m in model.modules():
+        groups = [g for g in vars(m).values() if isinstance(g, MergedColumns)]
+        found += [x.packed for x in [m, *groups] if getattr(x, "packed", None) is not None]
+    return found

@@ -162,3 +162,34 @@ def test_tokenwise_maps_only_real_tokens() -> None:
     torch.testing.assert_close(y[0], x[0] @ w.T)
     torch.testing.assert_close(y[1, 0], x[1, 0] @ w.T)
     assert not y[1, 1:].any()
+
+
+def test_huge_page_span_stays_inside_the_mapping() -> None:
+    from parallel.kernels import HUGE_PAGE as H
+    from parallel.kernels import huge_page_span
+
+    spans = [(0x1000, 3 * H + 0x5000), (10 * H, 14 * H)]
+    # the first huge page would start before the mapping (at 0): the span starts at H
+    assert huge_page_span(0x2000, 2 * H, spans) == (H, 3 * H)
+    assert huge_page_span(10 * H + 64, 3 * H, spans) == (10 * H, 14 * H)
+    assert huge_page_span(0x2000, 0x1000, spans) is None  # no whole huge page inside
+    assert huge_page_span(5 * H, H, spans) is None  # not mapped
+
+
+@needs_packing
+def test_packed_weights_move_to_huge_pages_unchanged() -> None:
+    """Collapsing packed weights onto 2 MiB pages changes where they live, not what they give."""
+    from pathlib import Path
+
+    from parallel.kernels import move_to_huge_pages
+
+    torch.manual_seed(5)
+    w = torch.randn(4096, 1024, dtype=torch.bfloat16)  # 8 MiB: several whole huge pages
+    packed, x = prepack(w), torch.randn(3, 1024, dtype=torch.bfloat16)
+    before = packed_linear(x, packed)
+    covered = move_to_huge_pages([packed])
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[never]" not in thp.read_text():
+        assert covered >= 6 * 2**20
+    assert torch.equal(packed_linear(x, packed), before)
+    assert torch.equal(before, F.linear(x, w))
