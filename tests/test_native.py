@@ -153,9 +153,10 @@ def test_build_is_cached_and_a_missing_compiler_is_reported(
     assert not (tmp_path / "other").exists()
 
 
-def _bf16_run(path: Path, tp: int, native: bool, prompts: list[list[int]], tokens: int):
+def _bf16_run(path: Path, tp: int, pp: int, native: bool, prompts: list[list[int]],
+              tokens: int):
     cfg = EngineConfig(num_blocks=64, block_size=4, native_kernels=native)
-    local = start_local_engine(EngineSpec(str(path), tp, 1, "bf16", cfg))
+    local = start_local_engine(EngineSpec(str(path), tp, pp, "bf16", cfg))
     try:
         params = SamplingParams(max_tokens=tokens, ignore_eos=True, return_logits=True)
         results = local.engine.generate(prompts, params)
@@ -169,18 +170,19 @@ def _bf16_run(path: Path, tp: int, native: bool, prompts: list[list[int]], token
 PROMPTS = [[3, 5, 7, 9, 11, 13, 17], [11, 12], [40, 4, 6]]
 
 
-@pytest.mark.parametrize(("arch", "tp", "overrides"), [
-    ("llama", 1, {}), ("llama", 2, {}), ("llama", 3, {}), ("qwen2", 1, {}),
-    ("mistral", 1, {"sliding_window": 4}),
+@pytest.mark.parametrize(("arch", "tp", "pp", "overrides"), [
+    ("llama", 1, 1, {}), ("llama", 2, 1, {}), ("llama", 3, 1, {}), ("llama", 1, 2, {}),
+    ("qwen2", 1, 1, {}), ("mistral", 1, 1, {"sliding_window": 4}),
 ])
-def test_bf16_engine_with_kernels_matches_torch_ops(tmp_path: Path, arch: str, tp: int,
+def test_bf16_engine_with_kernels_matches_torch_ops(tmp_path: Path, arch: str, tp: int, pp: int,
                                                     overrides: dict) -> None:
     """Greedy tokens identical, logits within bf16 noise, kernels on vs off: GQA with llama3
-    RoPE, tp 2 and an uneven tp 3 (irregular head maps), qkv bias (qwen2), a sliding window
-    shorter than the context (mistral). Decode crosses several 4-token cache blocks."""
+    RoPE, tp 2 and an uneven tp 3 (irregular head maps), two pipeline stages (the residual
+    stream completed at the stage boundary), qkv bias (qwen2), a sliding window shorter than
+    the context (mistral). Decode crosses several 4-token cache blocks."""
     path = make_checkpoint(tmp_path / arch, arch, **overrides)
-    ids, logits, attached = _bf16_run(path, tp, True, PROMPTS, 10)
-    plain_ids, plain_logits, plain_attached = _bf16_run(path, tp, False, PROMPTS, 10)
+    ids, logits, attached = _bf16_run(path, tp, pp, True, PROMPTS, 10)
+    plain_ids, plain_logits, plain_attached = _bf16_run(path, tp, pp, False, PROMPTS, 10)
     assert attached > 0 and plain_attached == 0
     assert ids == plain_ids
     assert len({tuple(t) for t in ids}) > 1 and all(len(set(t)) > 1 for t in ids)
