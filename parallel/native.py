@@ -19,6 +19,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,9 @@ import torch
 from torch import nn
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
+# torch.ops registers a library's namespace once per process, so loading is once per process
+# too; the lock keeps two engine threads from racing to it
+_LOAD_LOCK = threading.Lock()
 
 
 class NativeBuildError(RuntimeError):
@@ -86,9 +90,14 @@ def build_library(directory: Path | None = None) -> Path:
     return target
 
 
-@functools.cache
 def load_cpu_ops() -> CpuOps:
-    """The kernels, loaded into this process once (torch.ops keeps one registration)."""
+    """The kernels, built if needed and loaded into this process once."""
+    with _LOAD_LOCK:
+        return _load()
+
+
+@functools.cache
+def _load() -> CpuOps:
     if platform.machine() not in ("x86_64", "AMD64", "aarch64"):
         raise NativeBuildError(f"no fused kernels for {platform.machine()}")
     path = build_library()
