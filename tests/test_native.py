@@ -127,6 +127,13 @@ def test_bad_inputs_get_errors_naming_the_problem(ops: CpuOps) -> None:
     idx = torch.tensor([0, 0, 1, 1])
     with pytest.raises(RuntimeError, match="position 99 outside the block table's 24 slots"):
         ops.decode_attention(q, k_cache, v_cache, tables, torch.tensor([1, 99, 0]), idx, 1.0, 0)
+    bad_table = tables.clone()
+    bad_table[1, 2] = 32
+    with pytest.raises(RuntimeError, match="block 32 outside the cache's 32 blocks"):
+        ops.decode_attention(q, k_cache, v_cache, bad_table, torch.tensor([1, 9, 0]), idx, 1.0, 0)
+    with pytest.raises(RuntimeError, match="kv head 2 outside the cache's 2"):
+        ops.decode_attention(q, k_cache, v_cache, tables, torch.tensor([1, 2, 0]),
+                             torch.tensor([0, 0, 1, 2]), 1.0, 0)
     with pytest.raises(RuntimeError, match="one kv head per query head"):
         ops.decode_attention(q, k_cache, v_cache, tables, torch.tensor([1, 2, 0]), idx[:3], 1.0,
                              0)
@@ -136,6 +143,9 @@ def test_bad_inputs_get_errors_naming_the_problem(ops: CpuOps) -> None:
     with pytest.raises(RuntimeError, match="qkv must be"):
         ops.rope_store(qkv[:, :-1].contiguous(), cos.view(3, 16), sin.view(3, 16), k_cache,
                        v_cache, torch.tensor([0, 1, 2]), 4, 2)
+    with pytest.raises(RuntimeError, match="slot 128 outside the cache's 128 slots"):
+        ops.rope_store(qkv, cos.view(3, 16), sin.view(3, 16), k_cache, v_cache,
+                       torch.tensor([0, 128, 2]), 4, 2)
     with pytest.raises(RuntimeError, match="contiguous"):
         ops.silu_mul(torch.randn(4, 6).t())
 

@@ -149,8 +149,13 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
   for (const auto* t : {&k_cache, &v_cache})
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == qkv.scalar_type() &&
                 t->size(-2) == kv_heads, "rope_store: cache (blocks, block, kv_heads, d)");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == tokens,
-              "rope_store: one int64 slot per token");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == tokens &&
+              slots.is_contiguous(), "rope_store: one int64 slot per token");
+  const int64_t num_slots = k_cache.numel() / (kv_heads * d);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t)
+    TORCH_CHECK(sp[t] >= -1 && sp[t] < num_slots, "rope_store: slot ", sp[t],
+                " outside the cache's ", num_slots, " slots");
   auto q = at::empty({tokens, heads, d}, qkv.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rope_store", [&] {
     rope_store_impl<scalar_t>(qkv, cos, sin, k_cache, v_cache, slots, q, heads, kv_heads, d);
@@ -268,13 +273,23 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
   if (q.numel() == 0) return out;
   auto pos = positions.contiguous();
   const int64_t* pp = pos.data_ptr<int64_t>();
-  const int64_t limit = block_tables.size(1) * k_cache.size(1);
-  for (int64_t i = 0; i < pos.numel(); ++i)
-    TORCH_CHECK(pp[i] >= 0 && pp[i] < limit, "decode_attention: position ", pp[i],
-                " outside the block table's ", limit, " slots");
+  const int64_t block = k_cache.size(1), blocks = k_cache.size(0), width = block_tables.size(1);
+  const int64_t* bt = block_tables.data_ptr<int64_t>();
+  for (int64_t r = 0; r < pos.numel(); ++r) {
+    TORCH_CHECK(pp[r] >= 0 && pp[r] < width * block, "decode_attention: position ", pp[r],
+                " outside the block table's ", width * block, " slots");
+    for (int64_t j = 0; j <= pp[r] / block; ++j)  // every block the row will read
+      TORCH_CHECK(bt[r * width + j] >= 0 && bt[r * width + j] < blocks, "decode_attention: "
+                  "block ", bt[r * width + j], " outside the cache's ", blocks, " blocks");
+  }
+  auto kvi = kv_index.contiguous();
+  const int64_t* kp = kvi.data_ptr<int64_t>();
+  for (int64_t h = 0; h < kvi.numel(); ++h)
+    TORCH_CHECK(kp[h] >= 0 && kp[h] < k_cache.size(2), "decode_attention: kv head ", kp[h],
+                " outside the cache's ", k_cache.size(2));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attn", [&] {
-    decode_attention_impl<scalar_t>(q, k_cache, v_cache, block_tables, pos,
-                                    kv_index.contiguous(), scale, window, out);
+    decode_attention_impl<scalar_t>(q, k_cache, v_cache, block_tables, pos, kvi, scale, window,
+                                    out);
   });
   return out;
 }
