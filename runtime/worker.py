@@ -114,7 +114,7 @@ def _eos_ids(path: Path, cfg: dict[str, Any]) -> list[int]:
 
 
 def use_native_kernels(model: torch.nn.Module) -> bool:
-    """Attach the fused CPU kernels to `model`; where they cannot be built, say why once and
+    """Attach the fused CPU kernels to `model`; where they cannot be built, log why and
     keep the torch ops (same results up to fp32 summation order)."""
     try:
         ops = load_cpu_ops()
