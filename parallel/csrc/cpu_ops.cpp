@@ -170,8 +170,18 @@ struct PagedSequence {
   const T* v;
   const int64_t* table;
   int64_t block, kv_heads, d;
-  int64_t offset(int64_t t, int64_t kvh) const {
-    return ((table[t / block] * block + t % block) * kv_heads + kvh) * d;
+
+  // fn(j, offset) for positions first + j, j = 0..len-1, in order: offset is where kv head
+  // kvh of that position starts in the cache. Walks block by block (no division per position).
+  template <typename F>
+  void each(int64_t kvh, int64_t first, int64_t len, F&& fn) const {
+    const int64_t stride = kv_heads * d, end = first + len;
+    for (int64_t t = first; t < end;) {
+      const int64_t in_block = t % block, n = std::min(block - in_block, end - t);
+      const int64_t base = ((table[t / block] * block + in_block) * kv_heads + kvh) * d;
+      for (int64_t m = 0; m < n; ++m) fn(t - first + m, base + m * stride);
+      t += n;
+    }
   }
 };
 
@@ -182,16 +192,16 @@ template <typename T>
 void attend_group(const PagedSequence<T>& seq, int64_t kvh, const float* qf, int64_t g,
                   int64_t first, int64_t len, float scale, float* p, float* row, float* acc) {
   const int64_t d = seq.d;
-  for (int64_t j = 0; j < len; ++j) {  // scores (g, len): each key converted once
-    const T* key = seq.k + seq.offset(first + j, kvh);
-    for (int64_t i = 0; i < d; ++i) row[i] = float(key[i]);
+  seq.each(kvh, first, len, [&](int64_t j, int64_t at) {  // scores (g, len)
+    const T* key = seq.k + at;
+    for (int64_t i = 0; i < d; ++i) row[i] = float(key[i]);  // each key converted once
     for (int64_t h = 0; h < g; ++h) {
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
       for (int64_t i = 0; i < d; ++i) dot = std::fma(qf[h * d + i], row[i], dot);
       p[h * len + j] = dot * scale;
     }
-  }
+  });
   for (int64_t h = 0; h < g; ++h) {  // softmax numerators in place
     float* ph = p + h * len;
     const float top = *std::max_element(ph, ph + len);
@@ -199,15 +209,15 @@ void attend_group(const PagedSequence<T>& seq, int64_t kvh, const float* qf, int
     for (int64_t j = 0; j < len; ++j) ph[j] = exp_fast(ph[j] - top);
   }
   std::fill(acc, acc + g * d, 0.f);
-  for (int64_t j = 0; j < len; ++j) {
-    const T* val = seq.v + seq.offset(first + j, kvh);
+  seq.each(kvh, first, len, [&](int64_t j, int64_t at) {
+    const T* val = seq.v + at;
     for (int64_t i = 0; i < d; ++i) row[i] = float(val[i]);
     for (int64_t h = 0; h < g; ++h) {
       const float e = p[h * len + j];
 #pragma omp simd
       for (int64_t i = 0; i < d; ++i) acc[h * d + i] = std::fma(e, row[i], acc[h * d + i]);
     }
-  }
+  });
   for (int64_t h = 0; h < g; ++h) {
     float total = 0.f;
     for (int64_t j = 0; j < len; ++j) total += p[h * len + j];
