@@ -76,15 +76,20 @@ def build_library(directory: Path | None = None) -> Path:
     if shutil.which(compiler) is None:
         raise NativeBuildError(f"no C++ compiler ({compiler!r}) on PATH")
     directory.mkdir(parents=True, exist_ok=True)
+    failed = directory / f"cpu_ops-{key}.failed"  # a failed compile is not retried per start
     with open(directory / f"cpu_ops-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # ranks starting together: one compiles, the rest wait
         if target.exists():
             return target
+        if failed.exists():
+            raise NativeBuildError(f"an earlier build of {SOURCE.name} failed; its compiler "
+                                   f"output is in {failed} (delete that file to retry)")
         with tempfile.TemporaryDirectory(dir=directory) as tmp:
             partial = Path(tmp) / target.name
             done = subprocess.run(_compile_command(SOURCE, partial), capture_output=True,
                                   text=True, timeout=600)
             if done.returncode != 0:
+                failed.write_text(done.stderr)
                 raise NativeBuildError(f"compiling {SOURCE.name} failed:\n{done.stderr[-2000:]}")
             os.replace(partial, target)
     return target

@@ -163,6 +163,22 @@ def test_build_is_cached_and_a_missing_compiler_is_reported(
     assert not (tmp_path / "other").exists()
 
 
+def test_a_failed_compile_is_reported_and_not_retried(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiler that fails: the error carries its output, and later starts (other ranks,
+    the next engine) get the same answer at once instead of compiling again."""
+    compiler = tmp_path / "broken-cxx"
+    compiler.write_text("#!/bin/sh\necho 'fatal error: the compiler broke' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    with pytest.raises(NativeBuildError, match="compiling cpu_ops.cpp failed:\n.*compiler broke"):
+        build_library(tmp_path / "ext")
+    compiler.write_text("#!/bin/sh\ntouch " + str(tmp_path / "ran") + "\nexit 1\n")
+    with pytest.raises(NativeBuildError, match="an earlier build of cpu_ops.cpp failed"):
+        build_library(tmp_path / "ext")
+    assert not (tmp_path / "ran").exists()
+
+
 def _bf16_run(path: Path, tp: int, pp: int, native: bool, prompts: list[list[int]],
               tokens: int):
     cfg = EngineConfig(num_blocks=64, block_size=4, native_kernels=native)
