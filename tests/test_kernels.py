@@ -119,11 +119,13 @@ def test_bf16_engine_with_packed_weights_matches_unpacked(checkpoint_dir, arch: 
         torch.testing.assert_close(got, want, atol=1e-2, rtol=0)
 
 
+@pytest.mark.parametrize("key", ["prepack_weights", "native_kernels"])
 @pytest.mark.parametrize(("text", "expected"), [("", True), ("false", False), ("TRUE", True),
                                                 ("0", False), ("maybe", None)])
-def test_prepack_switch_in_a_model_config(tmp_path, text: str, expected: bool | None) -> None:
-    """`parameters { key: "prepack_weights" ... }` in config.pbtxt reaches the engine config;
-    anything but true/false is refused naming the model and the parameter."""
+def test_engine_switches_in_a_model_config(tmp_path, key: str, text: str,
+                                           expected: bool | None) -> None:
+    """`parameters { key: "prepack_weights" ... }` (and `native_kernels`) in config.pbtxt reach
+    the engine config; anything but true/false is refused naming the model and the parameter."""
     from tritonclient.grpc import model_config_pb2 as mc
 
     from serving.backends.llm import LLMSettings
@@ -133,12 +135,12 @@ def test_prepack_switch_in_a_model_config(tmp_path, text: str, expected: bool | 
     (tmp_path / "config.json").write_text("{}")
     config = mc.ModelConfig(name="giant")
     if text:
-        set_param(config, "prepack_weights", text)
+        set_param(config, key, text)
     if expected is None:
-        with pytest.raises(ServingError, match="'giant': parameter 'prepack_weights' must be"):
+        with pytest.raises(ServingError, match=f"'giant': parameter '{key}' must be"):
             LLMSettings.from_config(config, tmp_path)
     else:
-        assert LLMSettings.from_config(config, tmp_path).engine.prepack_weights is expected
+        assert getattr(LLMSettings.from_config(config, tmp_path).engine, key) is expected
 
 
 def test_tokenwise_maps_only_real_tokens() -> None:

@@ -226,25 +226,3 @@ def test_kernels_are_off_for_fp32(checkpoint_dir) -> None:
                        for m in local.engine.runner.model.modules())
     finally:
         local.close()
-
-
-@pytest.mark.parametrize(("text", "expected"), [("", True), ("false", False), ("maybe", None)])
-def test_native_switch_in_a_model_config(tmp_path: Path, text: str,
-                                         expected: bool | None) -> None:
-    """`parameters { key: "native_kernels" ... }` reaches the engine config; a bad value is
-    refused naming the model and the parameter."""
-    from tritonclient.grpc import model_config_pb2 as mc
-
-    from serving.backends.llm import LLMSettings
-    from serving.config import set_param
-    from serving.types import ServingError
-
-    (tmp_path / "config.json").write_text("{}")
-    config = mc.ModelConfig(name="giant")
-    if text:
-        set_param(config, "native_kernels", text)
-    if expected is None:
-        with pytest.raises(ServingError, match="'giant': parameter 'native_kernels' must be"):
-            LLMSettings.from_config(config, tmp_path)
-    else:
-        assert LLMSettings.from_config(config, tmp_path).engine.native_kernels is expected
