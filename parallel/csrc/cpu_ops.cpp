@@ -185,22 +185,45 @@ struct PagedSequence {
   }
 };
 
+constexpr int64_t kKeys = 8;  // keys scored together: 8 independent accumulators per head
+constexpr int64_t kLanes = 16;  // one 512-bit register of fp32
+
+// Scores of g heads (qf: (g, d)) against the first n <= kKeys keys of keys (kKeys, d) fp32,
+// written to p[h * len + j0 + k]; slots past n (earlier keys) are summed and dropped. Each key's partial sums stay in their own lanes until the end, so the
+// loop has kKeys independent chains and one horizontal sum per key instead of per lane block.
+inline void score_keys(const float* qf, int64_t g, int64_t d, const float* keys, int64_t n,
+                       float scale, float* p, int64_t len, int64_t j0) {
+  for (int64_t h = 0; h < g; ++h) {
+    const float* qh = qf + h * d;
+    float part[kKeys][kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= d; i += kLanes)
+      for (int64_t k = 0; k < kKeys; ++k)
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l)
+          part[k][l] = std::fma(qh[i + l], keys[k * d + i + l], part[k][l]);
+    for (int64_t k = 0; k < n; ++k) {
+      float dot = 0.f;
+      for (int64_t l = 0; l < kLanes; ++l) dot += part[k][l];
+      for (int64_t r = i; r < d; ++r) dot = std::fma(qh[r], keys[k * d + r], dot);  // d % 16
+      p[h * len + j0 + k] = dot * scale;
+    }
+  }
+}
+
 // g query heads (qf: (g, d) fp32) that share kv head kvh attend to positions
-// first..first+len-1. Scratch: p (g, len), row (d). Writes acc (g, d): the softmax-weighted
-// value sums, already divided by each head's softmax total.
+// first..first+len-1. Scratch: p (g, len), row (kKeys, d). Writes acc (g, d): the
+// softmax-weighted value sums, already divided by each head's softmax total.
 template <typename T>
 void attend_group(const PagedSequence<T>& seq, int64_t kvh, const float* qf, int64_t g,
                   int64_t first, int64_t len, float scale, float* p, float* row, float* acc) {
   const int64_t d = seq.d;
-  seq.each(kvh, first, len, [&](int64_t j, int64_t at) {  // scores (g, len)
+  seq.each(kvh, first, len, [&](int64_t j, int64_t at) {  // scores (g, len), kKeys at a time
     const T* key = seq.k + at;
-    for (int64_t i = 0; i < d; ++i) row[i] = float(key[i]);  // each key converted once
-    for (int64_t h = 0; h < g; ++h) {
-      float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t i = 0; i < d; ++i) dot = std::fma(qf[h * d + i], row[i], dot);
-      p[h * len + j] = dot * scale;
-    }
+    float* slot = row + (j % kKeys) * d;
+    for (int64_t i = 0; i < d; ++i) slot[i] = float(key[i]);  // each key converted once
+    if (j % kKeys == kKeys - 1 || j == len - 1)
+      score_keys(qf, g, d, row, j % kKeys + 1, scale, p, len, j - j % kKeys);
   });
   for (int64_t h = 0; h < g; ++h) {  // softmax numerators in place
     float* ph = p + h * len;
@@ -242,7 +265,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
   for (int64_t h = 0; h < heads; ++h) groups[kvi[h]].push_back(h);
   const int64_t per_unit = 2 * max_len * d * std::max<int64_t>(1, heads / kv_heads);
   at::parallel_for(0, b * kv_heads, grain_for(per_unit), [&](int64_t u0, int64_t u1) {
-    std::vector<float> p(heads * max_len), qf(heads * d), acc(heads * d), row(d);
+    std::vector<float> p(heads * max_len), qf(heads * d), acc(heads * d), row(kKeys * d);
     for (int64_t u = u0; u < u1; ++u) {  // unit: one (sequence, kv head)
       const int64_t r = u / kv_heads, kvh = u % kv_heads, last = pos[r];
       const std::vector<int64_t>& hs = groups[kvh];
