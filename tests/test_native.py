@@ -92,18 +92,26 @@ def _paged(dtype: torch.dtype, kv_heads: int, d: int = 16, block: int = 4):
 @pytest.mark.parametrize("kv_index", [[0, 0, 1, 1], [0, 1, 2, 3], [0, 0, 0, 0],
                                       [0, 0, 1, 1, 1]])
 @pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize(("rows", "threads"), [(3, None), (1, 2), (1, 3)])
 def test_decode_attention_matches_the_torch_path(ops: CpuOps, dtype: torch.dtype,
-                                                 kv_index: list[int], window: int | None) -> None:
+                                                 kv_index: list[int], window: int | None,
+                                                 rows: int, threads: int | None) -> None:
     """Same result as gathering each row's context and running `decode_attention` (GQA, MHA,
     one kv head, an irregular uneven-tp head map; with and without a sliding window), reading
-    each row's blocks through its own table and stopping at its own position."""
+    each row's blocks through its own table and stopping at its own position. A single row is
+    split over the threads by kv heads (2 or 3 spans, uneven for 4 kv heads over 3)."""
     heads, kv_heads, d = len(kv_index), max(kv_index) + 1, 16
     k_cache, v_cache, tables = _paged(dtype, kv_heads, d)
-    positions = torch.tensor([5, 17, 0])
-    b, length = 3, 18
+    positions, tables = torch.tensor([5, 17, 0])[-rows:], tables[-rows:].contiguous()
+    b, length = rows, int(positions.max()) + 1
     q = torch.randn(b, heads, d, dtype=dtype)
     idx = torch.tensor(kv_index)
-    got = ops.decode_attention(q, k_cache, v_cache, tables, positions, idx, d**-0.5, window)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        got = ops.decode_attention(q, k_cache, v_cache, tables, positions, idx, d**-0.5, window)
+    finally:
+        torch.set_num_threads(before)
     batch = AttentionBatch(positions=positions.view(b, 1), slot_mapping=torch.zeros(b, 1).long(),
                            block_tables=tables, last_index=torch.zeros(b).long(), kv_len=length,
                            fresh=False, sliding_window=window)
@@ -117,8 +125,9 @@ def test_decode_attention_matches_the_torch_path(ops: CpuOps, dtype: torch.dtype
     atol = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got, want.view(b, heads, d), atol=atol, rtol=0)
     # the row at position 0 sees exactly its one key: its output is that value
-    first_slot = tables[2, 0] * 4
-    assert torch.equal(got[2, 0], v_cache.view(-1, kv_heads, d)[first_slot, kv_index[0]])
+    first_slot = tables[-1, 0] * 4
+    if rows == 3:
+        assert torch.equal(got[2, 0], v_cache.view(-1, kv_heads, d)[first_slot, kv_index[0]])
 
 
 def test_bad_inputs_get_errors_naming_the_problem(ops: CpuOps) -> None:

@@ -189,8 +189,9 @@ constexpr int64_t kKeys = 8;  // keys scored together: 8 independent accumulator
 constexpr int64_t kLanes = 16;  // one 512-bit register of fp32
 
 // Scores of g heads (qf: (g, d)) against the first n <= kKeys keys of keys (kKeys, d) fp32,
-// written to p[h * len + j0 + k]; slots past n (earlier keys) are summed and dropped. Each key's partial sums stay in their own lanes until the end, so the
-// loop has kKeys independent chains and one horizontal sum per key instead of per lane block.
+// written to p[h * len + j0 + k]; slots past n (earlier keys) are summed and dropped. Each
+// key's partial sums stay in their own lanes until the end, so the loop has kKeys independent
+// chains and one horizontal sum per key instead of one per 16 lanes.
 inline void score_keys(const float* qf, int64_t g, int64_t d, const float* keys, int64_t n,
                        float scale, float* p, int64_t len, int64_t j0) {
   for (int64_t h = 0; h < g; ++h) {
@@ -211,37 +212,70 @@ inline void score_keys(const float* qf, int64_t g, int64_t d, const float* keys,
   }
 }
 
-// g query heads (qf: (g, d) fp32) that share kv head kvh attend to positions
-// first..first+len-1. Scratch: p (g, len), row (kKeys, d). Writes acc (g, d): the
+// The query heads of kv heads k0..k0+nk-1 in kv-head order: those of kv head k0 + k are rows
+// start[k]..start[k+1]-1 of a unit's qf / p / acc, and order[row] is the query head.
+struct HeadSpan {
+  int64_t k0 = 0, nk = 0;
+  std::vector<int64_t> start, order;
+};
+
+// kv heads split into `parts` spans (any head map, also an irregular uneven-tp one).
+std::vector<HeadSpan> head_spans(const int64_t* kv_index, int64_t heads, int64_t kv_heads,
+                                 int64_t parts) {
+  std::vector<HeadSpan> spans(parts);
+  for (int64_t part = 0; part < parts; ++part) {
+    HeadSpan& s = spans[part];
+    s.k0 = part * kv_heads / parts;
+    s.nk = (part + 1) * kv_heads / parts - s.k0;
+    s.start.push_back(0);
+    for (int64_t k = s.k0; k < s.k0 + s.nk; ++k) {
+      for (int64_t h = 0; h < heads; ++h)
+        if (kv_index[h] == k) s.order.push_back(h);
+      s.start.push_back(s.order.size());
+    }
+  }
+  return spans;
+}
+
+// A span's query heads (qf: (rows, d) fp32) attend to positions first..first+len-1 of one
+// sequence, reading each position's kv heads of the span together (they are adjacent in the
+// cache). Scratch: p (rows, len), keys (nk, kKeys, d), row (d). Writes acc (rows, d): the
 // softmax-weighted value sums, already divided by each head's softmax total.
 template <typename T>
-void attend_group(const PagedSequence<T>& seq, int64_t kvh, const float* qf, int64_t g,
-                  int64_t first, int64_t len, float scale, float* p, float* row, float* acc) {
-  const int64_t d = seq.d;
-  seq.each(kvh, first, len, [&](int64_t j, int64_t at) {  // scores (g, len), kKeys at a time
-    const T* key = seq.k + at;
-    float* slot = row + (j % kKeys) * d;
-    for (int64_t i = 0; i < d; ++i) slot[i] = float(key[i]);  // each key converted once
-    if (j % kKeys == kKeys - 1 || j == len - 1)
-      score_keys(qf, g, d, row, j % kKeys + 1, scale, p, len, j - j % kKeys);
+void attend_span(const PagedSequence<T>& seq, const HeadSpan& span, const float* qf,
+                 int64_t first, int64_t len, float scale, float* p, float* keys, float* row,
+                 float* acc) {
+  const int64_t d = seq.d, rows = span.start[span.nk];
+  seq.each(span.k0, first, len, [&](int64_t j, int64_t at) {  // scores, kKeys at a time
+    const int64_t slot = j % kKeys;
+    for (int64_t k = 0; k < span.nk; ++k) {  // each key converted once
+      float* dst = keys + (k * kKeys + slot) * d;
+      for (int64_t i = 0; i < d; ++i) dst[i] = float(seq.k[at + k * d + i]);
+    }
+    if (slot == kKeys - 1 || j == len - 1)
+      for (int64_t k = 0; k < span.nk; ++k)
+        score_keys(qf + span.start[k] * d, span.start[k + 1] - span.start[k], d,
+                   keys + k * kKeys * d, slot + 1, scale, p + span.start[k] * len, len,
+                   j - slot);
   });
-  for (int64_t h = 0; h < g; ++h) {  // softmax numerators in place
+  for (int64_t h = 0; h < rows; ++h) {  // softmax numerators in place
     float* ph = p + h * len;
     const float top = *std::max_element(ph, ph + len);
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) ph[j] = exp_fast(ph[j] - top);
   }
-  std::fill(acc, acc + g * d, 0.f);
-  seq.each(kvh, first, len, [&](int64_t j, int64_t at) {
-    const T* val = seq.v + at;
-    for (int64_t i = 0; i < d; ++i) row[i] = float(val[i]);
-    for (int64_t h = 0; h < g; ++h) {
-      const float e = p[h * len + j];
+  std::fill(acc, acc + rows * d, 0.f);
+  seq.each(span.k0, first, len, [&](int64_t j, int64_t at) {
+    for (int64_t k = 0; k < span.nk; ++k) {
+      for (int64_t i = 0; i < d; ++i) row[i] = float(seq.v[at + k * d + i]);
+      for (int64_t h = span.start[k]; h < span.start[k + 1]; ++h) {
+        const float e = p[h * len + j];
 #pragma omp simd
-      for (int64_t i = 0; i < d; ++i) acc[h * d + i] = std::fma(e, row[i], acc[h * d + i]);
+        for (int64_t i = 0; i < d; ++i) acc[h * d + i] = std::fma(e, row[i], acc[h * d + i]);
+      }
     }
   });
-  for (int64_t h = 0; h < g; ++h) {
+  for (int64_t h = 0; h < rows; ++h) {
     float total = 0.f;
     for (int64_t j = 0; j < len; ++j) total += p[h * len + j];
     for (int64_t i = 0; i < d; ++i) acc[h * d + i] /= total;
@@ -259,28 +293,31 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
   const int64_t max_len = *std::max_element(pos, pos + b) + 1;
   const T* qp = q.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  // query heads grouped by the kv head they read (any map, also an irregular uneven-tp one)
-  std::vector<std::vector<int64_t>> groups(kv_heads);
-  const int64_t* kvi = kv_index.data_ptr<int64_t>();
-  for (int64_t h = 0; h < heads; ++h) groups[kvi[h]].push_back(h);
-  const int64_t per_unit = 2 * max_len * d * std::max<int64_t>(1, heads / kv_heads);
-  at::parallel_for(0, b * kv_heads, grain_for(per_unit), [&](int64_t u0, int64_t u1) {
-    std::vector<float> p(heads * max_len), qf(heads * d), acc(heads * d), row(kKeys * d);
-    for (int64_t u = u0; u < u1; ++u) {  // unit: one (sequence, kv head)
-      const int64_t r = u / kv_heads, kvh = u % kv_heads, last = pos[r];
-      const std::vector<int64_t>& hs = groups[kvh];
-      const int64_t g = hs.size();
+  // a unit is one sequence's span of kv heads: the whole row when there are rows enough for
+  // every thread, else the kv heads split so that a small batch still uses all threads
+  const int64_t parts = std::clamp<int64_t>((at::get_num_threads() + b - 1) / b, 1, kv_heads);
+  const std::vector<HeadSpan> spans =
+      head_spans(kv_index.data_ptr<int64_t>(), heads, kv_heads, parts);
+  const int64_t per_unit = 2 * max_len * d * std::max<int64_t>(1, heads / parts);
+  at::parallel_for(0, b * parts, grain_for(per_unit), [&](int64_t u0, int64_t u1) {
+    std::vector<float> p(heads * max_len), qf(heads * d), acc(heads * d), row(d),
+        keys(kv_heads * kKeys * d);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t r = u / parts, last = pos[r];
+      const HeadSpan& span = spans[u % parts];
       const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
       const PagedSequence<T> seq{k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
                                  block_tables.data_ptr<int64_t>() + r * block_tables.size(1),
                                  block, kv_heads, d};
-      for (int64_t h = 0; h < g; ++h)
-        for (int64_t i = 0; i < d; ++i) qf[h * d + i] = float(qp[(r * heads + hs[h]) * d + i]);
-      attend_group(seq, kvh, qf.data(), g, first, last - first + 1, float(scale), p.data(),
-                   row.data(), acc.data());
-      for (int64_t h = 0; h < g; ++h)
+      for (size_t h = 0; h < span.order.size(); ++h) {
+        const T* src = qp + (r * heads + span.order[h]) * d;
+        for (int64_t i = 0; i < d; ++i) qf[h * d + i] = float(src[i]);
+      }
+      attend_span(seq, span, qf.data(), first, last - first + 1, float(scale), p.data(),
+                  keys.data(), row.data(), acc.data());
+      for (size_t h = 0; h < span.order.size(); ++h)
         for (int64_t i = 0; i < d; ++i)
-          op[(r * heads + hs[h]) * d + i] = round_to<T>(acc[h * d + i]);
+          op[(r * heads + span.order[h]) * d + i] = round_to<T>(acc[h * d + i]);
     }
   });
 }
