@@ -170,7 +170,10 @@ def idle_engine(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--watchdog-timeout", type=float, default=5.0)
     a = p.parse_args(argv)
-    print(f"rank {os.environ.get('RANK')} pid {os.getpid()} starting", flush=True)
+    # one write per line: under torchrun all ranks share one pipe, and print's separate write
+    # of the newline let two ranks' lines run together
+    sys.stdout.write(f"rank {os.environ.get('RANK')} pid {os.getpid()} starting\n")
+    sys.stdout.flush()
     world = join_launched_world(EngineSpec(a.model, a.tp, a.pp, timeout_s=20),
                                 watchdog_timeout_s=a.watchdog_timeout)
     assert world is not None, "not inside a launched world"

@@ -6,6 +6,7 @@ stop them), plus one run under torchrun itself. Exit times are measured and prin
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -112,8 +113,9 @@ def test_kill_worker_under_torchrun(model: Path) -> None:
     try:
         cluster.wait_for(lambda: agent.saw("engine ready") or agent.exited_at is not None, 60,
                          "engine ready")
-        pids = {int(line.split()[1]): int(line.split()[3]) for line in agent.lines
-                if line.startswith("rank ") and line.endswith("starting")}
+        # parsed from the whole output: lines of ranks sharing torchrun's pipe can interleave
+        pids = {int(rank): int(pid) for rank, pid in
+                re.findall(r"rank (\d+) pid (\d+) starting", "\n".join(agent.lines))}
         assert sorted(pids) == [0, 1, 2, 3], agent.lines
         t0 = time.monotonic()
         os.kill(pids[1], signal.SIGKILL)
