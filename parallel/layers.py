@@ -192,16 +192,17 @@ class MergedColumns:
         return True
 
 
-def prepack_linears(model: nn.Module) -> int:
+def prepack_linears(model: nn.Module) -> list[torch.Tensor]:
     """Pack `model`'s linear weights for oneDNN once, after loading (parallel/kernels.py):
-    first each `MergedColumns` group as one matrix, then every other linear layer. Returns how
-    many matrices were packed. Packed layers drop their plain weight, so memory does not double
-    (a tied embedding keeps its own reference to a shared tensor)."""
-    packed = 0
+    first each `MergedColumns` group as one matrix, then every other linear layer. Returns the
+    matrices packed by this call (for `kernels.move_to_huge_pages`). Packed layers drop their
+    plain weight, so memory does not double (a tied embedding keeps its own reference to a
+    shared tensor)."""
+    packed: list[torch.Tensor] = []
     for m in list(model.modules()):
         for group in vars(m).values():
-            if isinstance(group, MergedColumns) and group.packed is None:
-                packed += group.fuse()
+            if isinstance(group, MergedColumns) and group.packed is None and group.fuse():
+                packed.append(group.packed)
     for m in model.modules():
         # a part of a fused group has already given up its weight (0 rows)
         if (not isinstance(m, (ColumnParallelLinear, RowParallelLinear)) or m.packed is not None
@@ -209,16 +210,6 @@ def prepack_linears(model: nn.Module) -> int:
             continue
         m.packed = prepack(m.weight)
         if m.packed is not None:
-            packed += 1
+            packed.append(m.packed)
             m.weight = nn.Parameter(m.weight.new_empty(0, m.weight.shape[1]), False)
     return packed
-
-
-def packed_weights(model: nn.Module) -> list[torch.Tensor]:
-    """Every packed weight of `model` (linear layers' and merged groups'), for
-    `kernels.move_to_huge_pages`."""
-    found: list[torch.Tensor] = []
-    for m in model.modules():
-        groups = [g for g in vars(m).values() if isinstance(g, MergedColumns)]
-        found += [x.packed for x in [m, *groups] if getattr(x, "packed", None) is not None]
-    return found

@@ -13,7 +13,7 @@ import torch
 from parallel import ParallelContext
 from parallel.collectives import all_gather_object
 from parallel.kernels import move_to_huge_pages
-from parallel.layers import packed_weights, prepack_linears
+from parallel.layers import prepack_linears
 from parallel.native import NativeBuildError, attach_native, load_cpu_ops, native_wanted
 from runtime.engine import LLMEngine, ModelInfo, worker_loop
 from runtime.kv_cache import allocate_caches, bytes_per_block
@@ -135,8 +135,7 @@ def build_rank(spec: EngineSpec, ctx: ParallelContext) -> tuple[ModelRunner, Mod
     model = cls(model_cfg, ctx, layers, dtype).to(ctx.device).eval()
     report = load_stage(model, source, rules, ctx.tp_rank, ctx.pp_rank)
     if spec.engine.prepack_weights:
-        prepack_linears(model)
-        move_to_huge_pages(packed_weights(model))
+        move_to_huge_pages(prepack_linears(model))
     if spec.engine.native_kernels and native_wanted(dtype, ctx.device):
         use_native_kernels(model)
     num_blocks = kv_blocks(spec, rules, dtype)
