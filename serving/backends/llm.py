@@ -107,6 +107,8 @@ class _Live:
 
     def response(self, final: bool, extra: dict[str, Any]) -> InferResponse | None:
         """The next response (stream: the new chunk; otherwise everything), or None."""
+        if final and self.detok is not None:
+            self.stop.add(self.detok.flush())  # a partial last character is sent, not lost
         outputs: dict[str, np.ndarray] = {}
         if self.job.stream:
             text = self.stop.take(final) if self.detok is not None else None
