@@ -6,10 +6,22 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_LOGPROBS = 20  # most alternatives a request may ask for (OpenAI's top_logprobs limit)
+
 
 @dataclass
 class SamplingParams:
-    """Per-request generation settings. temperature == 0 means greedy."""
+    """Per-request generation settings. temperature == 0 means greedy.
+
+    Penalties follow vLLM/OpenAI: repetition_penalty (transformers' rule) counts the prompt and
+    the output; presence_penalty and frequency_penalty count only the generated output
+    (logit -= presence * (count > 0) + frequency * count); the sampler applies repetition,
+    then presence/frequency, then temperature, top-k, top-p. min_tokens: before that many tokens
+    were generated, the EOS ids (unless ignore_eos) and stop_token_ids are masked out and cannot
+    end the request. logprobs: None for none; k >= 0 for the chosen token's logprob plus the k
+    most likely tokens'. Logprobs are the log-softmax in fp32 of the model's raw logits, before
+    any penalty, temperature or filter (vLLM's default "raw_logprobs").
+    """
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -20,6 +32,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     return_logits: bool = False  # debugging/tests: full-vocabulary logits of every step
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    logprobs: int | None = None  # None: none; k: the chosen token's plus the top k (k <= 20)
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError naming the first out-of-range setting."""
@@ -35,6 +51,15 @@ class SamplingParams:
             raise ValueError(
                 f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}"
             )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], "
+                             f"got {self.min_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if vocab_size is not None and any(not 0 <= t < vocab_size for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, {vocab_size})")
 
@@ -70,3 +95,5 @@ class TokenOutput:
     finished: bool
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     logits: torch.Tensor | None = None
+    logprob: float | None = None  # the chosen token's (when the request asked for logprobs)
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), best first
