@@ -139,7 +139,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     build_repo(tmp / "repo")
     py = sys.executable
     server, port = start([py, "-m", "launcher.cli", "serve", "--model-repository",
-                          str(tmp / "repo"), "--grpc-port", "0", "--metrics-port", "0"],
+                          str(tmp / "repo"), "--grpc-port", "0",
+                              "--http-port", "0", "--metrics-port", "0"],
                          tmp / "server.log", r"shardserve ready: gRPC on [\w.]+:(\d+)")
     bare, bare_port = start([py, "-m", "benchmarks.bare_server", "--port", "0"],
                             tmp / "bare.log", r"bare ready: (\d+)")

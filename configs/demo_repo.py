@@ -133,7 +133,7 @@ def build_demo_repo(repo: Path, tp: int = 2, pp: int = 2) -> Path:
 def start_server(repo: Path, log: Path) -> tuple[subprocess.Popen, int]:
     """`shardserve serve` on a free port; returns once it logs that it is ready."""
     cmd = [sys.executable, "-m", "launcher.cli", "serve", "--model-repository", str(repo),
-           "--grpc-port", "0"]
+           "--grpc-port", "0", "--http-port", "0"]
     out = open(log, "w")  # noqa: SIM115 (the server process holds it)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -118,7 +118,7 @@ class ServerProcess:
         env = {**local_env(), "PYTHONPATH": os.pathsep.join(
             [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
         cmd = [sys.executable, "-m", "launcher.cli", "serve", "--model-repository", str(repo),
-               "--grpc-port", "0", "--no-metrics", *(extra or [])]
+               "--grpc-port", "0", "--http-port", "0", "--no-metrics", *(extra or [])]
         self.log = log
         self._log_file = open(log, "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log_file,

@@ -13,14 +13,22 @@ from launcher.errors import CommandError
 from serving.types import ServingError
 
 if TYPE_CHECKING:
+    from serving.http.app import HttpOptions
     from serving.server import FrontOptions
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve a model repository over the KServe v2 gRPC protocol")
+    p = sub.add_parser("serve", help="serve a model repository (KServe v2 gRPC + HTTP, OpenAI API)")
     p.add_argument("--model-repository", required=True, type=Path, metavar="DIR")
     p.add_argument("--grpc-port", type=int, default=8001, help="0 picks a free port")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="HTTP port of the REST, generate and OpenAI fronts (0 picks a free port)")
+    p.add_argument("--allow-http", type=_bool, default=True, metavar="true|false",
+                   help="serve the HTTP fronts (default true)")
+    p.add_argument("--chat-template", type=Path, metavar="FILE",
+                   help="Jinja chat template for /v1/chat/completions, instead of the one in "
+                   "the model's tokenizer files")
     p.add_argument("--model-control-mode", choices=["none", "explicit", "poll"], default="none",
                    help="none: load every model at start; explicit: load through the API; "
                    "poll: load at start, then follow repository changes")
@@ -62,6 +70,10 @@ def _add_reliability_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-tls-cert", type=Path, metavar="PEM",
                    help="serve gRPC over TLS with this certificate (needs --grpc-tls-key)")
     p.add_argument("--grpc-tls-key", type=Path, metavar="PEM", help="the TLS private key")
+    p.add_argument("--http-tls-cert", type=Path, metavar="PEM",
+                   help="serve HTTP over TLS with this certificate (default: the gRPC one)")
+    p.add_argument("--http-tls-key", type=Path, metavar="PEM",
+                   help="the HTTP TLS private key (default: the gRPC one)")
     p.add_argument("--auth-token", metavar="TOKEN",
                    help="require 'authorization: Bearer TOKEN' on every RPC (default: "
                    "$SHARDSERVE_AUTH_TOKEN; unset: no token)")
@@ -71,6 +83,29 @@ def _add_reliability_options(p: argparse.ArgumentParser) -> None:
                    help="in-flight inference requests; more are refused (RESOURCE_EXHAUSTED)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=4096, metavar="N",
                    help="concurrent gRPC calls of any kind; more are refused by gRPC")
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value in ("true", "1", "yes")
+
+
+def _http_options(args: argparse.Namespace, token: str | None) -> HttpOptions | None:
+    from serving.http.app import HttpOptions
+
+    if not args.allow_http:
+        return None
+    if (args.http_tls_cert is None) != (args.http_tls_key is None):
+        raise CommandError("--http-tls-cert and --http-tls-key go together")
+    if args.chat_template is not None and not args.chat_template.is_file():
+        raise CommandError(f"--chat-template {args.chat_template}: no such file")
+    cert = args.http_tls_cert or args.grpc_tls_cert
+    key = args.http_tls_key or args.grpc_tls_key
+    return HttpOptions(host=args.host, port=args.http_port, tls_cert=cert, tls_key=key,
+                       auth_token=token, max_body_bytes=args.max_message_bytes,
+                       chat_template=args.chat_template)
 
 
 def _front_options(args: argparse.Namespace, metrics: bool) -> FrontOptions:
@@ -94,7 +129,8 @@ def _front_options(args: argparse.Namespace, metrics: bool) -> FrontOptions:
         metrics_port=args.metrics_port if metrics else None,
         poll_secs=args.repository_poll_secs, tls_cert=args.grpc_tls_cert,
         tls_key=args.grpc_tls_key, auth_token=token, grace_period_s=args.grace_period_s,
-        max_inflight=args.max_inflight, max_concurrent_rpcs=args.max_concurrent_rpcs)
+        max_inflight=args.max_inflight, max_concurrent_rpcs=args.max_concurrent_rpcs,
+        http=_http_options(args, token))
 
 
 def run_serve(args: argparse.Namespace) -> int:

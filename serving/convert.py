@@ -240,7 +240,7 @@ def _int_param(params: Mapping[str, Any], key: str) -> int:
 
 
 # --- responses --------------------------------------------------------------------------------
-def _raw(array: np.ndarray, datatype: str) -> bytes:
+def raw_contents(array: np.ndarray, datatype: str) -> bytes:
     if datatype == "BYTES":
         return serialize_bytes(array)
     if datatype == "BF16":
@@ -261,7 +261,7 @@ def to_infer_response(resp: InferResponse, model: str, version: str, request_id:
         datatype = datatype_of(array)
         # name, datatype and shape here; the data goes to raw_output_contents, in order
         out.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
-        out.raw_output_contents.append(_raw(array, datatype))
+        out.raw_output_contents.append(raw_contents(array, datatype))
     for key, value in {**resp.parameters, **(params or {})}.items():
         set_param(out.parameters[key], value)
     return out

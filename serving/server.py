@@ -20,22 +20,19 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from serving.config import parse_json_config, validate_config
-from serving.convert import config_datatype, param_value, to_infer_request, to_infer_response
+from serving.api import EXTENSIONS, SERVER_NAME, SERVER_VERSION, Admission, Api
+from serving.convert import param_value, to_infer_request, to_infer_response
+from serving.http.app import HttpFront, HttpOptions
 from serving.manager import LoadedVersion, ModelManager
 from serving.security import (
     BearerTokenInterceptor,
     Undecodable,
     add_service,
-    check_override,
     server_credentials,
 )
 from serving.types import InferRequest, InferResponse, ServingError
 
 log = logging.getLogger(__name__)
-SERVER_NAME = "shardserve"
-SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["model_repository", "model_configuration", "statistics", "parameters"]
 FINAL = "triton_final_response"
 EMPTY_FINAL = "triton_enable_empty_final_response"
 _CHECK = object()  # stream queue marker: a request finished or reading ended
@@ -53,42 +50,6 @@ def too_big(msg: Any, limit: int) -> ServingError | None:
         return None
     return ServingError("RESOURCE_EXHAUSTED", f"the response is {size} bytes, more than "
                         f"the server's --max-message-bytes {limit}")
-
-
-class Admission:
-    """Counts in-flight inference requests (on the event loop only): past `limit` new ones are
-    refused with RESOURCE_EXHAUSTED, and once draining (SIGTERM) with UNAVAILABLE, while
-    shutdown waits for the count to reach zero. Tickets make `leave` idempotent."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.draining = False
-        self.idle = asyncio.Event()
-        self.idle.set()
-        self._tickets: set[int] = set()
-        self._next = itertools.count(1)
-
-    @property
-    def count(self) -> int:
-        return len(self._tickets)
-
-    def enter(self) -> int:
-        """A ticket for one request, or ServingError when it must be refused."""
-        if self.draining:
-            raise ServingError("UNAVAILABLE", "shardserve is shutting down and accepts no new "
-                               "requests")
-        if len(self._tickets) >= self.limit:
-            raise ServingError("RESOURCE_EXHAUSTED", f"the server already has {self.count} "
-                               f"requests in flight (--max-inflight {self.limit}); retry later")
-        ticket = next(self._next)
-        self._tickets.add(ticket)
-        self.idle.clear()
-        return ticket
-
-    def leave(self, ticket: int) -> None:
-        self._tickets.discard(ticket)
-        if not self._tickets:
-            self.idle.set()
 
 
 class _UnarySink:
@@ -156,13 +117,13 @@ class _StreamSink:
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     """Every RPC of the KServe v2 gRPC protocol that this server supports."""
 
-    def __init__(self, manager: ModelManager, pool: ThreadPoolExecutor,
-                 max_inflight: int = 1024, max_message_bytes: int = 64 * 2**20) -> None:
-        self.manager = manager
+    def __init__(self, api: Api, pool: ThreadPoolExecutor,
+                 max_message_bytes: int = 64 * 2**20) -> None:
+        self.api = api
+        self.manager = api.manager
+        self.admission = api.admission
         self.pool = pool
         self.max_message_bytes = max_message_bytes
-        self.started = False  # startup models loaded
-        self.admission = Admission(max_inflight)
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -172,9 +133,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):  # noqa: N802
-        ok = (self.started and not self.admission.draining and self.manager.failure() is None
-              and self.manager.all_ready())
-        return pb.ServerReadyResponse(ready=ok)
+        return pb.ServerReadyResponse(ready=self.api.server_ready())
 
     async def ModelReady(self, request, context):  # noqa: N802
         return pb.ModelReadyResponse(ready=self.manager.ready(request.name, request.version))
@@ -185,25 +144,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):  # noqa: N802
         try:
-            st, _ = self.manager.get(request.name, request.version)
+            return self.api.model_metadata(request.name, request.version)
         except ServingError as e:
             await context.abort(status_of(e), e.message)
-        cfg = st.config
-        batch = [-1] if cfg.max_batch_size > 0 else []
-        resp = pb.ModelMetadataResponse(name=cfg.name, platform=cfg.platform or cfg.backend,
-                                        versions=[str(v) for v in sorted(st.versions)])
-        for tensors, target in ((cfg.input, resp.inputs), (cfg.output, resp.outputs)):
-            for t in tensors:
-                target.add(name=t.name, datatype=config_datatype(t.data_type),
-                           shape=batch + list(t.dims))
-        return resp
 
     async def ModelConfig(self, request, context):  # noqa: N802
         try:
-            st, _ = self.manager.get(request.name, request.version)
+            return pb.ModelConfigResponse(config=self.api.model_config(request.name,
+                                                                       request.version))
         except ServingError as e:
             await context.abort(status_of(e), e.message)
-        return pb.ModelConfigResponse(config=st.config)
 
     async def ModelStatistics(self, request, context):  # noqa: N802
         try:
@@ -216,30 +166,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(self, request, context):  # noqa: N802
         return pb.RepositoryIndexResponse(models=self.manager.index(request.ready))
 
-    def _check_control(self, repository_name: str) -> None:
-        if self.admission.draining:
-            raise ServingError("UNAVAILABLE", "shardserve is shutting down")
-        if self.manager.control_mode != "explicit":
-            raise ServingError("UNAVAILABLE", "model control mode is 'none': start the server "
-                               "with --model-control-mode explicit to load and unload models")
-        if repository_name and repository_name != self.manager.repository.root.name:
-            raise ServingError("NOT_FOUND", f"unknown repository '{repository_name}'")
-
     def _load(self, request: pb.RepositoryModelLoadRequest) -> None:
-        self._check_control(request.repository_name)
         params = {k: param_value(v) for k, v in request.parameters.items()}
-        if any(k.startswith("file:") for k in params):
-            raise ServingError("UNIMPLEMENTED", "'file:' load parameters are not supported")
-        config = None
-        if "config" in params:
-            where = f"load parameter 'config' of '{request.model_name}'"
-            repo = self.manager.repository
-            model_dir = repo.model_dir(request.model_name)
-            config = validate_config(parse_json_config(str(params["config"]), where),
-                                     request.model_name, where)
-            on_disk = repo.config(request.model_name) if repo.exists(request.model_name) else None
-            check_override(config, on_disk, model_dir, repo.root)
-        self.manager.load(request.model_name, config)
+        self.api.load(request.model_name, params, request.repository_name)
 
     async def RepositoryModelLoad(self, request, context):  # noqa: N802
         try:
@@ -249,8 +178,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelLoadResponse()
 
     def _unload(self, request: pb.RepositoryModelUnloadRequest) -> None:
-        self._check_control(request.repository_name)
-        self.manager.unload(request.model_name)
+        self.api.unload(request.model_name, request.repository_name)
 
     async def RepositoryModelUnload(self, request, context):  # noqa: N802
         try:
@@ -478,6 +406,7 @@ class FrontOptions:
     grace_period_s: float = 30.0
     max_inflight: int = 1024
     max_concurrent_rpcs: int = 4096
+    http: HttpOptions | None = None  # None: no HTTP fronts
 
 
 def _grpc_server(servicer: InferenceServicer, opts: FrontOptions) -> tuple[Any, int]:
@@ -532,8 +461,10 @@ async def serve(manager: ModelManager, startup: list[str] | None,
 
     opts = opts or FrontOptions()
     pool = ThreadPoolExecutor(opts.workers, thread_name_prefix="shardserve")
-    servicer = InferenceServicer(manager, pool, opts.max_inflight, opts.max_message_bytes)
+    api = Api(manager, Admission(opts.max_inflight))
+    servicer = InferenceServicer(api, pool, opts.max_message_bytes)
     server, bound = _grpc_server(servicer, opts)
+    http = HttpFront(api, pool, opts.http) if opts.http is not None else None
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -542,26 +473,32 @@ async def serve(manager: ModelManager, startup: list[str] | None,
     code = 0
     extras = _Extras(manager, opts.host, opts.metrics_port, opts.poll_secs)
     try:
+        http_port = await http.start() if http is not None else None
         extras.start_metrics()
         failed = await loop.run_in_executor(pool, manager.load_startup, startup)
         for line in failed:
             log.error("startup load failed: %s", line)
         if failed and opts.exit_on_error:
             return 1
-        servicer.started = True
+        api.started = True
         extras.start_poller()
         names = [m.name for m in manager.index(ready_only=True)]
-        log.info("shardserve ready: gRPC on %s:%d%s, models %s", opts.host, bound,
-                 " (TLS)" if opts.tls_cert else "", sorted(set(names)))
+        tls = " (TLS)" if opts.tls_cert else ""
+        http_line = "" if http is None or opts.http is None else (
+            f", HTTP on {opts.http.host}:{http_port}{' (TLS)' if opts.http.tls_cert else ''}")
+        log.info("shardserve ready: gRPC on %s:%d%s%s, models %s", opts.host, bound, tls,
+                 http_line, sorted(set(names)))
         why = await _watch(manager, stop)
         if why:
             log.error("fatal: %s; shutting down", why)
             code = 1
         else:
-            await _drain(servicer.admission, stop, opts.grace_period_s)
+            await _drain(api.admission, stop, opts.grace_period_s)
     finally:
-        servicer.admission.draining = True
+        api.admission.draining = True
         extras.stop()
+        if http is not None:
+            await http.stop()
         await server.stop(grace=1.0)
         await loop.run_in_executor(pool, manager.close)
         pool.shutdown(wait=False, cancel_futures=True)

@@ -41,11 +41,12 @@ def perf_analyzer_env() -> tuple[Path, dict[str, str]]:
 
 
 def run_perf_analyzer(url: str, model: str, tmp: Path, extra: list[str],
-                      concurrency: str = "1:2", timeout_s: float = 120.0) -> dict[str, Any]:
+                      concurrency: str = "1:2", timeout_s: float = 120.0,
+                      protocol: str = "grpc") -> dict[str, Any]:
     """Run a short measurement; return errors seen, the CSV rows and the console output."""
     exe, env = perf_analyzer_env()
     report = tmp / f"perf-{model}.csv"
-    cmd = [str(exe), "-m", model, "-i", "grpc", "-u", url, "--concurrency-range", concurrency,
+    cmd = [str(exe), "-m", model, "-i", protocol, "-u", url, "--concurrency-range", concurrency,
            "--measurement-interval", "1500", "--stability-percentage", "1000",
            "--max-trials", "3", "-f", str(report), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)

@@ -23,6 +23,7 @@ from serving.types import Backend, InferRequest, InferResponse, ResponseSink, Se
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_RE = re.compile(r"shardserve ready: gRPC on ([\w.]+):(\d+)")
+HTTP_RE = re.compile(r"shardserve ready: gRPC on [^,]*, HTTP on ([\w.]+):(\d+)")
 
 
 class IdentityBackend(Backend):
@@ -83,7 +84,7 @@ class Server:
                  timeout_s: float = 120.0) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         cmd = [sys.executable, "-m", module, "serve", "--model-repository", str(repo),
-               "--grpc-port", "0", *args]
+               "--grpc-port", "0", "--http-port", "0", *args]
         self.log = log
         self._log_file = open(log, "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log_file,
@@ -93,8 +94,11 @@ class Server:
     def _wait_ready(self, timeout_s: float) -> str:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            m = READY_RE.search(self.log.read_text())
+            text = self.log.read_text()
+            m = READY_RE.search(text)
             if m:
+                h = HTTP_RE.search(text)
+                self.http_port = int(h.group(2)) if h else None
                 return f"localhost:{m.group(2)}"
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n"

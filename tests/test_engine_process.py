@@ -52,7 +52,7 @@ def _drive(client: EngineClient, until: set[str], timeout_s: float = 60.0
         for batch in client.recv(0.5):
             stats = batch.stats
             rejects += batch.rejects
-            for rid, token, finished, reason in batch.tokens:
+            for rid, token, finished, reason, _ in batch.tokens:
                 if token is not None:
                     tokens.setdefault(rid, []).append(token)
                 if finished:
@@ -137,6 +137,7 @@ def test_ctrl_c_stops_serve_cleanly(tmp_path: Path, gpt2: Path) -> None:
     add_llm_model(repo, "a", gpt2, tp=1, pp=2, extra={"num_blocks": "32"})
     log = tmp_path / "serve.log"
     proc = _popen_session(["serve", "--model-repository", str(repo), "--grpc-port", "0",
+                           "--http-port", "0",
                            "--metrics-port", "0"], log)
     deadline = time.monotonic() + 180
     while not READY_RE.search(log.read_text()):

@@ -45,6 +45,7 @@ def _torchrun_serve(repo: Path, log: Path) -> subprocess.Popen:
     """`shardserve serve` as 2 ranks under torchrun, in a process session of its own."""
     cmd = [cluster.PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "launcher.cli", "serve", "--model-repository", str(repo), "--grpc-port", "0",
+               "--http-port", "0",
            "--metrics-port", "0"]
     return subprocess.Popen(cmd, cwd=ROOT, env=cluster.env_for_ranks(), stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)  # noqa: SIM115

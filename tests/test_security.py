@@ -290,6 +290,7 @@ def test_bad_tls_files_fail_start(tmp_path: Path, capsys: pytest.CaptureFixture)
     add_echo(tmp_path / "repo")
     (tmp_path / "not.pem").write_text("nope")
     cmd = ["serve", "--model-repository", str(tmp_path / "repo"), "--grpc-port", "0",
+           "--http-port", "0",
            "--no-metrics", "--grpc-tls-cert", str(tmp_path / "not.pem"), "--grpc-tls-key",
            str(tmp_path / "missing.pem")]
     assert main(cmd) != 0
