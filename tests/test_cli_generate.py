@@ -33,6 +33,10 @@ def test_generate_json_matches_transformers(checkpoint_dir) -> None:
 
 
 def test_generate_text_with_tokenizer(tmp_path) -> None:
+    """Text prompts go through the checkpoint's tokenizer: the prompt ids are its encoding and
+    the text is exactly its decoding of the generated ids."""
+    from transformers import AutoTokenizer
+
     from configs.demo import build_demo_model
 
     path = build_demo_model(tmp_path / "demo", layers=2, hidden=64)
@@ -41,7 +45,10 @@ def test_generate_text_with_tokenizer(tmp_path) -> None:
     assert out.returncode == 0, out.stderr
     row = json.loads(out.stdout)["results"][0]
     assert row["prompt"] == "The quick brown fox" and len(row["token_ids"]) == 6
-    assert isinstance(row["text"], str)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert row["prompt_token_ids"] == tokenizer.encode("The quick brown fox")
+    assert row["text"] == tokenizer.decode(row["token_ids"])
+    assert row["text"]  # six tokens of the demo vocabulary decode to some text
 
 
 def test_generate_errors_are_one_line(checkpoint_dir, tmp_path) -> None:
