@@ -1,6 +1,6 @@
 """`shardserve serve` flags the docs name, each shown to have its effect on a real server
 subprocess (python models only, so each server starts in seconds): `--host`, `--auth-token`,
-`--no-exit-on-error` and `--workers`."""
+`--no-exit-on-error`, `--workers`, `--no-metrics` and `--max-concurrent-rpcs`."""
 
 from __future__ import annotations
 
@@ -36,6 +36,25 @@ class Broken(PythonModel):
 
     def execute(self, requests):
         return []
+'''
+# execute() marks that it started, then holds its instance thread until RELEASE exists
+HOLD_MODEL = '''
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from serving.python_model import InferenceResponse, PythonModel, Tensor
+
+
+class Hold(PythonModel):
+    def execute(self, requests):
+        Path({started!r}, f"started-{{uuid.uuid4().hex}}").write_text("started")
+        deadline = time.monotonic() + 120
+        while not Path({release!r}).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return [InferenceResponse([Tensor("OUT", np.zeros(1, np.float32))]) for _ in requests]
 '''
 # initialize() marks that it started, then holds the loading thread until RELEASE exists
 SLOW_MODEL = '''
@@ -123,11 +142,11 @@ def flagged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The same repository with default flags, loading only echo at start."""
+    """The same repository with default flags (but `--no-metrics`), loading only echo."""
     tmp = tmp_path_factory.mktemp("serve-defaults")
     repo = _repo(tmp / "repo")
     srv = start(repo, tmp / "server.log", "--model-control-mode", "explicit",
-                "--load-model", ECHO)
+                "--load-model", ECHO, "--no-metrics")
     srv.repo = repo
     yield srv
     assert srv.stop() == 0, srv.text()[-3000:]
@@ -221,3 +240,51 @@ def test_workers_flag_bounds_request_threads(flagged: Server, plain: Server) -> 
     _, port = _url(flagged)
     assert not _load_slow_and_infer(f"{HOST}:{port}", flagged.repo, _auth())
     assert _load_slow_and_infer(plain.url, plain.repo, {})
+
+
+def test_no_metrics_flag(plain: Server) -> None:
+    """`--no-metrics`: no metrics endpoint; the server listens on its gRPC and HTTP ports
+    only (the flagged server, without it, also listens on a metrics port: see above)."""
+    assert "metrics on http://" not in plain.text()
+    ports = {c.laddr.port for c in psutil.Process(plain.proc.pid).net_connections("inet")
+             if c.status == psutil.CONN_LISTEN}
+    assert ports == {_url(plain)[1], plain.http_port}, ports
+
+
+def test_max_concurrent_rpcs_alone(tmp_path: Path) -> None:
+    """`--max-concurrent-rpcs 2` with every other limit at its default: while two inference
+    calls are held inside the model, a third call of any kind (health included) is refused by
+    gRPC with RESOURCE_EXHAUSTED; once they finish, calls are accepted again."""
+    repo = tmp_path / "repo"
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    write_model(repo, "hold", ECHO_CONFIG.format(name="hold", instances=2, extra=""),
+                {"model.py": HOLD_MODEL.format(started=str(gate), release=str(gate / "go"))})
+    srv = start(repo, tmp_path / "server.log", "--max-concurrent-rpcs", "2")
+    results: list[float] = []
+
+    def held() -> None:
+        with grpcclient.InferenceServerClient(srv.url) as c:
+            results.append(float(c.infer("hold", echo_inputs(X)).as_numpy("OUT")[0]))
+
+    try:
+        calls = [threading.Thread(target=held, daemon=True) for _ in range(2)]
+        for t in calls:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(list(gate.glob("started-*"))) < 2:
+            assert time.monotonic() < deadline, "the two calls never reached the model"
+            time.sleep(0.05)
+        with grpcclient.InferenceServerClient(srv.url) as c:
+            expect_error(lambda: c.is_server_live(), "RESOURCE_EXHAUSTED",
+                         "Concurrent RPC limit exceeded")
+            expect_error(lambda: c.infer("hold", echo_inputs(X)), "RESOURCE_EXHAUSTED",
+                         "Concurrent RPC limit exceeded")
+            (gate / "go").write_text("go")
+            for t in calls:
+                t.join(60)
+            assert results == [0.0, 0.0]
+            assert c.is_server_live()
+    finally:
+        (gate / "go").write_text("go")
+        assert srv.stop() == 0, srv.text()[-3000:]

@@ -186,19 +186,23 @@ def test_analyze_shape_preferred_batch_sizes_and_models(analyze_repo: Path) -> N
     assert sorted(r["point"]["preferred_batch_size"] for r in results) == [0, 2]
     for r in results:
         assert r["status"] == "ok" and r["requests"] > 0 and r["errors"] == 0, r
+        assert (r["window_s"], r["concurrency"]) == (1.0, 2)  # --duration-s, --concurrency
     chosen = results[entry["chosen_index"]]["point"]["preferred_batch_size"]
     written = ModelRepository(out).config("shaped").dynamic_batching.preferred_batch_size
     assert list(written) == ([chosen] if chosen else [])
 
 
 def test_analyze_max_ranks(analyze_repo: Path) -> None:
-    """`--max-ranks 1` refuses the 2x1 layout (2 ranks) before starting anything."""
+    """`--max-ranks 1` refuses the 2x1 layout (2 ranks) before starting anything; the giant
+    model's running-request grid follows `--concurrency 8` (N/4, N/2, N)."""
     out = analyze_repo.parent / "out-ranks"
     rc = main(["analyze", "--model-repository", str(analyze_repo), "--out", str(out),
                "--models", "tiny_llm", "--layouts", "2x1", "--max-ranks", "1",
-               "--max-running", "4", "--kv-cache-mb", "16", *QUICK_LOAD])
+               "--kv-cache-mb", "16", "--concurrency", "8", "--duration-s", "1"])
     assert rc == 1
-    (result,) = _report(out)["models"]["tiny_llm"]["results"]
+    entry = _report(out)["models"]["tiny_llm"]
+    assert entry["knobs"]["max_running"] == [2, 4, 8]
+    (result,) = entry["results"]
     assert result["status"] == "skipped" and result["point"]["layout"] == "2x1"
     assert "2 ranks exceed the machine's limit of 1" in result["error"]
     assert not list((out / ".analyze").glob("tiny_llm-*.log"))
@@ -214,3 +218,20 @@ def test_analyze_start_timeout(analyze_repo: Path) -> None:
     assert rc == 1
     (result,) = _report(out)["models"]["shaped"]["results"]
     assert result["status"] == "failed" and "server not ready after 0s" in result["error"]
+
+
+def test_analyze_throughput_and_memory_constraints(analyze_repo: Path, capsys) -> None:
+    """`--min-throughput` and `--max-memory-per-rank-mb` are judged on every point: budgets no
+    point can meet fail the model naming both."""
+    out = analyze_repo.parent / "out-budgets"
+    rc = main(["analyze", "--model-repository", str(analyze_repo), "--out", str(out),
+               "--models", "shaped", "--shape", "X:5", "--max-batch-sizes", "1",
+               "--queue-delays-us", "0", "--instance-counts", "1", "--min-throughput", "1e9",
+               "--max-memory-per-rank-mb", "1", *QUICK_LOAD])
+    assert rc == 1
+    (result,) = _report(out)["models"]["shaped"]["results"]
+    assert result["status"] == "ok" and result["errors"] == 0
+    assert result["meets"] == {"no_errors": True, "min_throughput": False,
+                               "max_memory_per_rank_mb": False}
+    err = capsys.readouterr().err
+    assert "no configuration meets throughput >= 1e+09 and memory per rank <= 1 MB" in err, err
