@@ -4,9 +4,10 @@ through a real server and `tritonclient.grpc`, plus the Prometheus endpoint."""
 from __future__ import annotations
 
 import re
-import threading
+import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests.backend_helpers import write_model
-from tests.test_backends_batching import WINDOW_MODEL
+from tests.test_backends_batching import HANG_S, WINDOW_MODEL, WINDOW_OUTPUTS
 from tests.test_backends_python import ADD_SUB_CONFIG, TRITON_ADD_SUB
 from tests.torch_models import Classifier, save_exported, save_onnx, save_torchscript
 
@@ -42,9 +43,8 @@ name: "{name}"
 backend: "python"
 max_batch_size: {mbs}
 input [ {{ name: "X" data_type: TYPE_FP32 dims: [ 1 ] }} ]
-output [ {{ name: "BATCH" data_type: TYPE_INT32 dims: [ 1 ] }},
-         {{ name: "WINDOW" data_type: TYPE_FP64 dims: [ 2 ] }} ]
-parameters {{ key: "exec_ms" value {{ string_value: "{exec_ms}" }} }}
+{outputs}
+parameters {{ key: "gate_dir" value {{ string_value: "{gate_dir}" }} }}
 dynamic_batching {{ {batching} }}
 """
 
@@ -55,7 +55,7 @@ CLASSIFIERS = {
 }
 
 
-def _build_repo(repo: Path) -> None:
+def _build_repo(repo: Path, gates: Path) -> None:
     write_model(repo, "add_sub", ADD_SUB_CONFIG.format(name="add_sub", mbs=0),
                 {"model.py": TRITON_ADD_SUB})
     model, example = Classifier(), (torch.randn(2, 8),)
@@ -65,21 +65,24 @@ def _build_repo(repo: Path) -> None:
     save_exported(model, example, repo / "clf_pt2" / "1" / "model.pt2")
     save_onnx(model, example, repo / "clf_onnx" / "1" / "model.onnx", ["features"],
               ["logits", "probs"])
-    windows = {
-        "batched": (8, 10, "preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 500000"),
-        "prio": (1, 400, "priority_levels: 2 default_priority_level: 2"),
-        "limited": (1, 400, "default_queue_policy { max_queue_size: 1 }"),
+    windows = {  # a queue delay no test waits out: batches go by size
+        "batched": (8, f"preferred_batch_size: [ 4 ] max_queue_delay_microseconds: {60_000_000}"),
+        "prio": (1, "priority_levels: 2 default_priority_level: 2"),
+        "limited": (1, "default_queue_policy { max_queue_size: 1 }"),
     }
-    for name, (mbs, exec_ms, batching) in windows.items():
-        write_model(repo, name, WINDOW.format(name=name, mbs=mbs, exec_ms=exec_ms,
-                                              batching=batching), {"model.py": WINDOW_MODEL})
+    for name, (mbs, batching) in windows.items():
+        write_model(repo, name, WINDOW.format(name=name, mbs=mbs, outputs=WINDOW_OUTPUTS,
+                                              gate_dir=gates, batching=batching),
+                    {"model.py": WINDOW_MODEL})
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("backends-e2e")
-    _build_repo(tmp / "repo")
+    (tmp / "gates").mkdir()
+    _build_repo(tmp / "repo", tmp / "gates")
     srv = Server(tmp / "repo", tmp / "server.log", "--metrics-port", "0", module="launcher.cli")
+    srv.gates = tmp / "gates"
     yield srv
     assert srv.stop() == 0, srv.text()
 
@@ -106,33 +109,65 @@ def test_tensor_backends_match_eager(client, name: str) -> None:
         client.infer(name, [infer_input(inp, x.astype(np.float64), "FP64")])
 
 
-def _window(url: str, model: str, priority: int = 0) -> tuple[int, float]:
+def _window(url: str, model: str, priority: int = 0, hold: int = 0) -> tuple[int, int]:
+    """(execution number, batch size) of one request; hold > 0 keeps its execution until
+    gate `hold` opens."""
     c = grpcclient.InferenceServerClient(url)
     try:
-        shape = (1, 1)
-        result = c.infer(model, [infer_input("X", np.zeros(shape, np.float32), "FP32")],
-                         priority=priority)
-        return int(result.as_numpy("BATCH").ravel()[0]), float(result.as_numpy("WINDOW")[0, 0])
+        x = np.full((1, 1), hold, np.float32)
+        result = c.infer(model, [infer_input("X", x, "FP32")], priority=priority,
+                         client_timeout=HANG_S)
+        return int(result.as_numpy("EXEC").ravel()[0]), int(result.as_numpy("BATCH").ravel()[0])
     finally:
         c.close()
+
+
+def _wait_for(what: str, check) -> None:
+    deadline = time.monotonic() + HANG_S
+    while not check():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.01)
+
+
+def _metric(server: Server, name: str, model: str) -> float:
+    match = re.search(rf'^{name}{{model="{model}",version="1"}} (\S+)$', _metrics(server), re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def _wait_pending(server: Server, model: str, count: int) -> None:
+    """Wait until the model's queue holds `count` requests (read from /metrics)."""
+    _wait_for(f"{count} requests queued for {model}",
+              lambda: _metric(server, "nv_inference_pending_request_count", model) == count)
+
+
+def _hold(server: Server, pool: ThreadPoolExecutor, model: str, gate: int) -> Future:
+    """A request that occupies the model's only instance until gate `gate` opens."""
+    blocker = pool.submit(_window, server.url, model, 0, gate)
+    _wait_for(f"{model} executing the held request",
+              lambda: (server.gates / f"started-{gate}").exists())
+    return blocker
 
 
 def test_dynamic_batching_forms_preferred_batches(server) -> None:
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda _: _window(server.url, "batched"), range(8)))
-    assert sorted(b for b, _ in got) == [4] * 8
-    assert len({start for _, start in got}) == 2
+    runs = Counter(got)  # (execution, batch size) -> requests in it
+    assert sorted(runs.values()) == [4, 4] and {b for _, b in runs} == {4}, got
+    assert _metric(server, "nv_inference_exec_count", "batched") == 2
+    assert _metric(server, "nv_inference_count", "batched") == 8
 
 
 def test_priorities_order_the_queue(server) -> None:
     with ThreadPoolExecutor(5) as pool:
-        blocker = pool.submit(_window, server.url, "prio")
-        _wait_pending(server, "prio", 0)
+        blocker = _hold(server, pool, "prio", 1)
         low = [pool.submit(_window, server.url, "prio", 2) for _ in range(2)]
         _wait_pending(server, "prio", 2)
         high = [pool.submit(_window, server.url, "prio", 1) for _ in range(2)]
-        starts = {f: f.result()[1] for f in [blocker, *low, *high]}
-    assert max(starts[f] for f in high) < min(starts[f] for f in low)
+        _wait_pending(server, "prio", 4)
+        (server.gates / "open-1").touch()
+        order = {f: f.result(HANG_S)[0] for f in [blocker, *low, *high]}
+    assert order[blocker] < min(order[f] for f in high)
+    assert max(order[f] for f in high) < min(order[f] for f in low)
 
 
 def _metrics(server: Server) -> str:
@@ -141,50 +176,35 @@ def _metrics(server: Server) -> str:
         return reply.read().decode()
 
 
-def _wait_pending(server: Server, model: str, count: int, timeout_s: float = 10.0) -> None:
-    """Wait until the model's queue holds `count` requests (read from /metrics)."""
-    import time
-
-    pattern = re.compile(rf'nv_inference_pending_request_count{{model="{model}",'
-                         rf'version="1"}} (\d+)')
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        match = pattern.search(_metrics(server))
-        if match and int(match.group(1)) == count:
-            time.sleep(0.05)  # a dispatched request's execute may still be starting
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"queue of {model} never held {count} requests")
-
-
 def test_queue_limit_rejects_with_resource_exhausted(server) -> None:
-    errors: list[str] = []
-    lock = threading.Lock()
-
-    def one(_: int) -> None:
-        try:
-            _window(server.url, "limited")
-        except InferenceServerException as e:
-            with lock:
-                errors.append(f"{e.status()} {e.message()}")
-
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(one, range(4)))
-    assert len(errors) == 2, errors  # one runs, one waits, two find the queue full
-    assert all("RESOURCE_EXHAUSTED" in e and "max_queue_size" in e for e in errors), errors
+    with ThreadPoolExecutor(2) as pool:
+        blocker = _hold(server, pool, "limited", 2)
+        queued = pool.submit(_window, server.url, "limited")
+        _wait_pending(server, "limited", 1)
+        for _ in range(2):  # the queue is full: refused while the held request still runs
+            with pytest.raises(InferenceServerException) as info:
+                _window(server.url, "limited")
+            assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+            assert info.value.message() == (
+                "Exceeds maximum queue size: model 'limited' priority level 1 already holds 1 "
+                "requests (max_queue_size)")
+        assert not blocker.done() and not queued.done()
+        (server.gates / "open-2").touch()
+        assert [blocker.result(HANG_S), queued.result(HANG_S)] == [(1, 1), (2, 1)]
 
 
 def test_metrics_follow_triton_names(server, client) -> None:
     x = np.zeros((2, 8), np.float32)
-    for _ in range(3):
+    before = {n: _metric(server, n, "clf_onnx") for n in (
+        "nv_inference_request_success", "nv_inference_count", "nv_inference_exec_count")}
+    for _ in range(3):  # one after another: three executions of batch 2
         client.infer("clf_onnx", [infer_input("features", x, "FP32")])
     text = _metrics(server)
-    labels = '{model="clf_onnx",version="1"}'
-    success = float(re.search(rf"nv_inference_request_success{re.escape(labels)} (\S+)",
-                              text).group(1))
-    count = float(re.search(rf"nv_inference_count{re.escape(labels)} (\S+)", text).group(1))
-    assert success >= 3 and count >= 6
+    after = {n: _metric(server, n, "clf_onnx") for n in before}
+    assert {n: after[n] - before[n] for n in before} == {
+        "nv_inference_request_success": 3, "nv_inference_count": 6,
+        "nv_inference_exec_count": 3}
     assert "nv_inference_compute_infer_duration_us" in text
     assert "nv_cpu_memory_total_bytes" in text
     stats = client.get_inference_statistics("clf_onnx").model_stats[0]
-    assert stats.inference_stats.success.count == success
+    assert stats.inference_stats.success.count == after["nv_inference_request_success"]
