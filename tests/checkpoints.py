@@ -67,8 +67,51 @@ def reference_generate(path: Path, prompts: list[list[int]], max_new_tokens: int
             out = model.generate(
                 torch.tensor([p]), max_new_tokens=max_new_tokens, do_sample=False,
                 output_logits=True, return_dict_in_generate=True, eos_token_id=None,
-                pad_token_id=0,
+                # an explicit mask: without one generate masks every prompt token equal to
+                # pad_token_id (a BOS of id 0 would silently vanish from the reference)
+                pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long),
             )
         ids.append(out.sequences[0, len(p):].tolist())
         logits.append(torch.cat(out.logits, dim=0))
     return ids, logits
+
+
+def hf_generate(path: Path, prompts: list[list[int]], max_new_tokens: int,
+                dtype: torch.dtype = torch.float32, model_eos: bool = False,
+                **generate_kwargs: Any) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """`transformers` generation in `dtype`, one prompt at a time (greedy unless
+    `generate_kwargs` say otherwise): generated ids per prompt and the raw (unprocessed) fp32
+    logits of each step (steps, vocab). EOS stops generation only with `model_eos` (the
+    model's own, from generation_config.json or config.json)."""
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    kwargs: dict[str, Any] = dict(do_sample=False, pad_token_id=0)
+    if not model_eos:
+        kwargs["eos_token_id"] = None
+    kwargs.update(generate_kwargs)
+    ids, logits = [], []
+    for p in prompts:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([p]), max_new_tokens=max_new_tokens,
+                                 output_logits=True, return_dict_in_generate=True, **kwargs)
+        ids.append(out.sequences[0, len(p):].tolist())
+        logits.append(torch.cat(out.logits, dim=0).float())
+    return ids, logits
+
+
+def copy_checkpoint(src: Path, dst: Path, config: dict[str, Any] | None = None,
+                    drop: tuple[str, ...] = ()) -> Path:
+    """Copy checkpoint `src` to `dst` (same weights), setting the `config` keys and removing
+    the `drop` keys of its config.json; returns `dst`."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg_path = dst / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(config or {})
+    for key in drop:
+        cfg.pop(key, None)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return dst

@@ -38,7 +38,7 @@ class LlamaConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     mlp_bias: bool
-    sliding_window: int | None
+    layer_windows: tuple[int | None, ...]  # per layer; None: full attention
     max_position_embeddings: int
     hf: dict[str, Any]
 
@@ -46,9 +46,6 @@ class LlamaConfig:
     def from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
         heads = cfg["num_attention_heads"]
         qwen = cfg.get("model_type") == "qwen2"
-        window = cfg.get("sliding_window")
-        if qwen and not cfg.get("use_sliding_window", False):
-            window = None
         return cls(
             hidden_size=cfg["hidden_size"],
             num_layers=cfg["num_hidden_layers"],
@@ -61,10 +58,29 @@ class LlamaConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", qwen)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            sliding_window=window,
+            layer_windows=layer_windows(cfg),
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             hf=cfg,
         )
+
+
+def layer_windows(cfg: dict[str, Any]) -> tuple[int | None, ...]:
+    """Each layer's sliding window (None: full attention), as transformers applies them:
+    Mistral slides on every layer; Qwen2 only with `use_sliding_window`, and only on the
+    layers its `layer_types` call sliding (by default those from `max_window_layers` on);
+    Llama never."""
+    n, window = cfg["num_hidden_layers"], cfg.get("sliding_window")
+    arch = (cfg.get("architectures") or [""])[0]
+    kind = cfg.get("model_type") or {"MistralForCausalLM": "mistral",
+                                     "Qwen2ForCausalLM": "qwen2"}.get(arch)
+    if kind == "mistral":
+        return (window,) * n
+    if kind != "qwen2" or window is None or not cfg.get("use_sliding_window", False):
+        return (None,) * n
+    types = cfg.get("layer_types") or [
+        "sliding_attention" if i >= cfg.get("max_window_layers", 28) else "full_attention"
+        for i in range(n)]
+    return tuple(window if t == "sliding_attention" else None for t in types)
 
 
 class RMSNorm(nn.Module):
@@ -225,11 +241,12 @@ class LlamaForCausalLM(nn.Module):
                 batch: AttentionBatch, caches: dict[int, KVCache]) -> torch.Tensor:
         """tokens: (batch, seq) on the first stage, else hidden: (batch, seq, hidden_size).
         Returns this stage's output hidden states (batch, seq, hidden_size)."""
-        batch.sliding_window = self.cfg.sliding_window
         x = self.model.embed_tokens(tokens) if tokens is not None else hidden
         cos_sin = rope_cos_sin(batch.positions, self.inv_freq, self.rope_scale, x.dtype)
         residual = None
         for i in self.layer_ids:
+            # the step's masks are built once per window and shared by the layers using it
+            batch.sliding_window = self.cfg.layer_windows[i]
             x, residual = self.model.layers[str(i)](x, residual, cos_sin, batch, caches[i])
         return x if residual is None else x + residual
 
