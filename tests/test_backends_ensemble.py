@@ -3,7 +3,7 @@ independent steps, a decoupled middle step streaming through in order, and error
 
 from __future__ import annotations
 
-import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +13,11 @@ from serving.ensemble import EnsembleBackend
 from serving.types import ServingError
 from tests.backend_helpers import CollectSink, make_request, parse_config, write_model
 
+# With parameter meet_dir, an execution marks its arrival there and waits until
+# meet_count models have arrived: steps that are not run side by side never get through.
 ARITH = '''
 import json
+import os
 import time
 
 import numpy as np
@@ -24,15 +27,26 @@ import triton_python_backend_utils as pb_utils
 class TritonPythonModel:
     def initialize(self, args):
         params = json.loads(args["model_config"])["parameters"]
+        self.name = args["model_name"]
         self.op = params["op"]["string_value"]
-        self.sleep = float(params.get("sleep_ms", {}).get("string_value", "0")) / 1000
+        self.meet_dir = params.get("meet_dir", {}).get("string_value", "")
+        self.meet_count = int(params.get("meet_count", {}).get("string_value", "0"))
+
+    def meet(self):
+        open(os.path.join(self.meet_dir, self.name), "w").close()
+        deadline = time.monotonic() + 60
+        while len(os.listdir(self.meet_dir)) < self.meet_count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} ran alone: " + str(os.listdir(self.meet_dir)))
+            time.sleep(0.002)
 
     def execute(self, requests):
         out = []
         for r in requests:
             a = pb_utils.get_input_tensor_by_name(r, "A").as_numpy()
             b = pb_utils.get_input_tensor_by_name(r, "B")
-            time.sleep(self.sleep)
+            if self.meet_dir:
+                self.meet()
             if self.op == "fail":
                 raise RuntimeError("step exploded")
             y = {"inc": a + 1, "double": a * 2, "fail": a}.get(self.op)
@@ -43,7 +57,7 @@ class TritonPythonModel:
 '''
 
 
-def _arith(repo, name: str, op: str, sleep_ms: int = 0, two_inputs: bool = False,
+def _arith(repo: Path, name: str, op: str, meet: Path | None = None, two_inputs: bool = False,
            count: int = 1) -> PythonBackend:
     b_input = '{ name: "B" data_type: TYPE_FP32 dims: [ -1 ] }' if two_inputs else ""
     config = f"""
@@ -52,7 +66,8 @@ def _arith(repo, name: str, op: str, sleep_ms: int = 0, two_inputs: bool = False
     input [ {{ name: "A" data_type: TYPE_FP32 dims: [ -1 ] }} {"," if b_input else ""} {b_input} ]
     output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ -1 ] }} ]
     parameters {{ key: "op" value {{ string_value: "{op}" }} }}
-    parameters {{ key: "sleep_ms" value {{ string_value: "{sleep_ms}" }} }}
+    parameters {{ key: "meet_dir" value {{ string_value: "{meet or ''}" }} }}
+    parameters {{ key: "meet_count" value {{ string_value: "2" }} }}
     instance_group [ {{ count: {count} kind: KIND_CPU }} ]
     """
     backend = PythonBackend(parse_config(config), write_model(repo, name, config,
@@ -88,19 +103,21 @@ def _ensemble(text: str, models: dict) -> EnsembleBackend:
     return backend
 
 
-def test_diamond_dataflow_runs_independent_steps_concurrently(tmp_path):
-    models = {"inc": _arith(tmp_path, "inc", "inc", 300),
-              "double": _arith(tmp_path, "double", "double", 300),
+def test_diamond_dataflow_runs_independent_steps_concurrently(tmp_path: Path) -> None:
+    """inc and double each wait inside execute() until the other has arrived too: the
+    ensemble only answers when it runs them side by side."""
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    models = {"inc": _arith(tmp_path, "inc", "inc", meet),
+              "double": _arith(tmp_path, "double", "double", meet),
               "add": _arith(tmp_path, "add", "add", two_inputs=True)}
     ens = _ensemble(DIAMOND, models)
     assert not ens.decoupled
     x = np.array([1.0, 2.5], np.float32)
     sink = CollectSink()
-    t0 = time.monotonic()
     ens.submit(make_request("diamond", X=x), sink)
-    np.testing.assert_allclose(sink.outputs()["OUT"], (x + 1) + 2 * x)
-    elapsed = sink.final_at - t0
-    assert elapsed < 0.55, f"steps ran one after another ({elapsed:.2f}s)"
+    np.testing.assert_allclose(sink.outputs(timeout=90)["OUT"], (x + 1) + 2 * x)
+    assert sorted(p.name for p in meet.iterdir()) == ["double", "inc"]
     for backend in [ens, *models.values()]:
         backend.unload()
 
