@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runtime.engine_client import EngineClient, StepBatch
+from runtime.engine_client import EngineClient, StepBatch, token_of
 from runtime.types import EngineConfig, SamplingParams
 from runtime.worker import EngineSpec
 
@@ -31,8 +31,7 @@ class DirectClient:
 
     def recv(self, timeout_s: float) -> list[StepBatch]:
         outs = self.engine.step()
-        return [StepBatch([(o.request_id, o.token_id, o.finished, o.finish_reason)
-                           for o in outs], [], {})]
+        return [StepBatch([token_of(o) for o in outs], [], {})]
 
     def close(self) -> None:
         self.local.close()
@@ -53,7 +52,7 @@ def run_batch(client: Any, prompts: list[list[int]], new: int, tag: str
     while done < len(prompts):
         for batch in client.recv(1.0):
             now = time.perf_counter()
-            for rid, token, finished, _ in batch.tokens:
+            for rid, token, finished, _, _ in batch.tokens:
                 if token is not None:
                     if rid in last:
                         gaps.append(now - last[rid])

@@ -16,7 +16,7 @@ from parallel import ParallelContext
 from parallel.collectives import broadcast_object
 from runtime.kv_cache import blocks_needed
 from runtime.plan import StepPlan
-from runtime.runner import ModelRunner
+from runtime.runner import Logprobs, ModelRunner
 from runtime.scheduler import EngineFull, Scheduler, Sequence
 from runtime.tokenizer import Tokenizer
 from runtime.types import EngineConfig, SamplingParams, TokenOutput
@@ -32,6 +32,7 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     logits: list[torch.Tensor] = field(default_factory=list)
+    logprobs: list[Logprobs] = field(default_factory=list)  # per token, when asked for
 
 
 @dataclass
@@ -65,6 +66,7 @@ class LLMEngine:
         self._last_broadcast = time.monotonic()
         self.last_step_kind = "idle"
         self._closed = False
+        share_eos_ids(ctx, runner, info.eos_token_ids)
 
     # --- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int],
@@ -128,18 +130,18 @@ class LLMEngine:
         self._broadcast(plan)
         result = self.runner.execute(plan)
         assert result is not None
-        tokens, logits = result
-        for w, token, row in zip(work, tokens, logits, strict=True):
-            outputs.append(self._advance(self._seqs[w.request_id], len(w.tokens), token, row))
+        for w, token, row, lp in zip(work, *result, strict=True):
+            outputs.append(self._advance(self._seqs[w.request_id], len(w.tokens), token, row, lp))
         return outputs
 
-    def _advance(self, seq: Sequence, fed: int, token: int,
-                 logits: torch.Tensor | None) -> TokenOutput:
+    def _advance(self, seq: Sequence, fed: int, token: int, logits: torch.Tensor | None,
+                 logprobs: Logprobs | None) -> TokenOutput:
         seq.num_cached += fed
         seq.output.append(token)
         reason = None
         p = seq.params
-        if (token in p.stop_token_ids) or (not p.ignore_eos and token in self.eos_token_ids):
+        stop = (token in p.stop_token_ids) or (not p.ignore_eos and token in self.eos_token_ids)
+        if stop and len(seq.output) > p.min_tokens:  # (the sampler masks them before that)
             reason = "stop"
         elif len(seq.output) >= p.max_tokens or seq.length >= self.max_model_len:
             reason = "length"
@@ -147,7 +149,8 @@ class LLMEngine:
             self.scheduler.remove(seq.request_id)
             self._seqs.pop(seq.request_id, None)
             self._finished.append(seq.request_id)
-        return TokenOutput(seq.request_id, token, reason is not None, reason, logits)
+        lp, top = logprobs if logprobs is not None else (None, None)
+        return TokenOutput(seq.request_id, token, reason is not None, reason, logits, lp, top)
 
     def _take_finished(self) -> list[str]:
         done, self._finished = self._finished, []
@@ -182,6 +185,8 @@ class LLMEngine:
                         self.timings["decode_tokens"] += 1
                 if out.logits is not None:
                     r.logits.append(out.logits)
+                if out.logprob is not None:
+                    r.logprobs.append((out.logprob, out.top_logprobs or []))
                 if out.finished:
                     r.finish_reason = out.finish_reason
         return list(results.values())
@@ -193,8 +198,18 @@ class LLMEngine:
             self._broadcast(StepPlan("stop"))
 
 
+def share_eos_ids(ctx: ParallelContext, runner: ModelRunner, eos_ids: list[int] | None) -> None:
+    """Once at start (rank 0 sends, every other rank receives): the model's EOS ids reach the
+    sampler on the last stage, which masks them while a request is short of its min_tokens."""
+    got = broadcast_object(eos_ids, 0, ctx.control_group)
+    assert isinstance(got, list)
+    if runner.sampler is not None:
+        runner.sampler.eos_token_ids = list(got)
+
+
 def worker_loop(ctx: ParallelContext, runner: ModelRunner) -> None:
     """Non-zero ranks: follow rank 0's plans until told to stop."""
+    share_eos_ids(ctx, runner, None)
     while True:
         plan = broadcast_object(None, 0, ctx.control_group)
         assert isinstance(plan, StepPlan)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.types import SamplingParams
+from runtime.types import SamplingParams, TokenOutput
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.5  # idle: wait this long for a command, then step (the heartbeat)
@@ -33,8 +33,10 @@ ADD, ABORT, STATS, SHUTDOWN, EOF = "add", "abort", "stats", "shutdown", "eof"
 # events (engine -> front)
 OUT, READY, ERROR, DEAD, CLOSED = "out", "ready", "error", "dead", "closed"
 
-# (request id, token id or None, finished, finish reason)
-Token = tuple[str, int | None, bool, str | None]
+# (request id, token id or None, finished, finish reason, logprobs); logprobs is None unless the
+# request asked for them, else (the token's logprob, [(token id, logprob), ...] best first)
+TokenLogprobs = tuple[float, list[tuple[int, float]]]
+Token = tuple[str, int | None, bool, str | None, TokenLogprobs | None]
 
 
 @dataclass
@@ -92,6 +94,12 @@ def describe_dead(dead: list[tuple[int, int | None]]) -> str:
     return "; ".join(describe_exit(rank, code) for rank, code in ordered)
 
 
+def token_of(out: TokenOutput) -> Token:
+    """A TokenOutput as the plain tuple that travels to the front."""
+    lps = None if out.logprob is None else (out.logprob, out.top_logprobs or [])
+    return out.request_id, out.token_id, out.finished, out.finish_reason, lps
+
+
 class EngineLoop:
     """Drives one LLMEngine from a command queue; `emit` gets one event tuple per step.
 
@@ -116,8 +124,7 @@ class EngineLoop:
             while True:
                 if not self._take(block=not self.engine.has_unfinished()):
                     return None
-                tokens = [(o.request_id, o.token_id, o.finished, o.finish_reason)
-                          for o in self.engine.step()]
+                tokens = [token_of(o) for o in self.engine.step()]
                 dead = self.dead_ranks()
                 if dead:
                     return describe_dead(dead)
