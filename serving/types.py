@@ -78,6 +78,15 @@ class Backend(ABC):
     def ready(self) -> bool:
         return True
 
+    def tokenizer(self) -> Any | None:
+        """The model's tokenizer (runtime.tokenizer.Tokenizer), for fronts that render chat
+        templates or count tokens; None for models without one."""
+        return None
+
+    def max_model_len(self) -> int | None:
+        """The longest sequence (prompt + generated tokens) a generative model takes."""
+        return None
+
     def failure(self) -> str | None:
         """A fatal, unrecoverable error (e.g. a dead rank); the server then exits non-zero."""
         return None

@@ -94,6 +94,7 @@ def hf_generate(path: Path, prompts: list[list[int]], max_new_tokens: int,
     for p in prompts:
         with torch.no_grad():
             out = model.generate(torch.tensor([p]), max_new_tokens=max_new_tokens,
+                                 attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                  output_logits=True, return_dict_in_generate=True, **kwargs)
         ids.append(out.sequences[0, len(p):].tolist())
         logits.append(torch.cat(out.logits, dim=0).float())

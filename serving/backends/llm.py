@@ -11,6 +11,7 @@ and cutting at stop words; it also aborts requests whose clients cancelled.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import threading
 import time
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from runtime.engine_client import EngineClient, EngineStopped, StepBatch
+from runtime.engine_client import EngineClient, EngineStopped, StepBatch, TokenLogprobs
 from runtime.tokenizer import Detokenizer
 from runtime.types import EngineConfig
 from serving.backends.llm_io import GenerationJob, StopText, parse_job
@@ -98,10 +99,13 @@ class _Live:
     stop: StopText
     ids: list[int] = field(default_factory=list)
     unsent_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # unsent, when asked for
 
-    def add(self, token: int) -> None:
+    def add(self, token: int, lps: TokenLogprobs | None) -> None:
         self.ids.append(token)
         self.unsent_ids.append(token)
+        if lps is not None and "logprobs" in self.job.returns:
+            self.logprobs.append(lps)
         if self.detok is not None:
             self.stop.add(self.detok.add(token))
 
@@ -120,11 +124,43 @@ class _Live:
             if text is not None and self.job.prompt_text and not self.job.exclude_input:
                 text = self.job.prompt_text + text
             ids = self.ids
-        self.unsent_ids = []
         if text is not None:
             outputs["text_output"] = np.array([text.encode("utf-8")], dtype=object)
         outputs["output_ids"] = np.array(ids, dtype=np.int32)
+        if self.job.returns:
+            outputs.update(self._returns(ids, extra.get("finish_reason") if final else None))
+        self.unsent_ids = []
         return InferResponse(outputs=outputs, parameters=extra)
+
+    def _returns(self, ids: list[int], reason: str | None) -> dict[str, np.ndarray]:
+        """The optional outputs of the vLLM convention that the request asked for."""
+        r, out = self.job.returns, {}
+        if "finish_reason" in r:
+            out["finish_reason"] = np.array([(reason or "").encode()], dtype=object)
+        if "num_input_tokens" in r:
+            out["num_input_tokens"] = np.array([len(self.job.prompt_ids)], dtype=np.uint32)
+        if "num_output_tokens" in r:
+            out["num_output_tokens"] = np.array([len(ids)], dtype=np.uint32)
+        if "logprobs" in r:
+            out["logprobs"] = np.array([json.dumps(self._logprobs_json(ids, self.logprobs))
+                                        .encode()], dtype=object)
+            self.logprobs = []
+        return out
+
+    def _logprobs_json(self, ids: list[int], lps: list[TokenLogprobs]) -> list[dict]:
+        """Per token: its id, logprob and text, and the top alternatives asked for (best
+        first), each with its id, logprob and text."""
+        tok = self.detok.tokenizer if self.detok is not None else None
+
+        def one(tid: int, value: float) -> dict[str, Any]:
+            item: dict[str, Any] = {"token_id": tid, "logprob": value}
+            if tok is not None:
+                item["decoded_token"] = tok.decode([tid])
+            return item
+
+        chosen = ids[len(ids) - len(lps):]
+        return [{**one(token, lp), "top": [one(t, v) for t, v in top]}
+                for token, (lp, top) in zip(chosen, lps, strict=True)]
 
 
 def _error(status: str, message: str) -> InferResponse:
@@ -204,18 +240,18 @@ class TokenRouter:
             live = self._pop(rid)
             if live is not None:
                 live.sink.send(_error(status, message), True)
-        for rid, token, finished, reason in batch.tokens:
+        for rid, token, finished, reason, lps in batch.tokens:
             if rid in self._cancelled and finished:
                 self._log_cancel(rid)
                 continue
             live = self._live.get(rid)
             if live is not None:
-                self._route(rid, live, token, finished, reason)
+                self._route(rid, live, token, finished, reason, lps)
 
     def _route(self, rid: str, live: _Live, token: int | None, finished: bool,
-               reason: str | None) -> None:
+               reason: str | None, lps: TokenLogprobs | None = None) -> None:
         if token is not None:
-            live.add(token)
+            live.add(token, lps)
         if live.stop.stopped and not finished:
             self.client.abort(rid)
             finished, reason = True, "stop"
@@ -339,6 +375,12 @@ class LLMBackend(Backend):
 
     def ready(self) -> bool:
         return self._router is not None and self._router.alive()
+
+    def tokenizer(self) -> Any | None:
+        return self._client.tokenizer if self._client is not None else None
+
+    def max_model_len(self) -> int | None:
+        return self._client.info.max_model_len if self._client is not None else None
 
     def failure(self) -> str | None:
         """Fatal only for an in-process engine (this process's world is broken); a dead

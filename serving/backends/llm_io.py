@@ -1,8 +1,15 @@
-"""Triton's LLM tensor convention for the giant-model backend: the config it declares, request
-decoding into a generation job, and stop-word handling on the generated text."""
+"""Triton's LLM tensor conventions for the giant-model backend: the config it declares, request
+decoding into a generation job, and stop-word handling on the generated text.
+
+Both conventions of Triton's LLM backends are accepted: TensorRT-LLM's (one input per setting:
+`max_tokens`, `temperature`, `stop_words`, ...) and the vLLM backend's (`sampling_parameters`,
+a JSON string, or else the request's parameters; `return_*` inputs ask for the optional outputs
+`finish_reason`, `num_input_tokens`, `num_output_tokens`, `logprobs`). An input given as a
+tensor wins over the same setting in `sampling_parameters`."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +34,37 @@ INPUTS = [
     ("stream", mc.TYPE_BOOL, [1], True),
     ("exclude_input_in_output", mc.TYPE_BOOL, [1], True),
     ("ignore_eos", mc.TYPE_BOOL, [1], True),
+    ("presence_penalty", mc.TYPE_FP32, [1], True),
+    ("frequency_penalty", mc.TYPE_FP32, [1], True),
+    ("min_tokens", mc.TYPE_INT32, [1], True),
+    ("stop_token_ids", mc.TYPE_INT32, [-1], True),
+    ("sampling_parameters", mc.TYPE_STRING, [1], True),
+    ("return_finish_reason", mc.TYPE_BOOL, [1], True),
+    ("return_num_input_tokens", mc.TYPE_BOOL, [1], True),
+    ("return_num_output_tokens", mc.TYPE_BOOL, [1], True),
+    ("return_logprobs", mc.TYPE_BOOL, [1], True),
 ]
-OUTPUTS = [("text_output", mc.TYPE_STRING, [-1]), ("output_ids", mc.TYPE_INT32, [-1])]
+OUTPUTS = [("text_output", mc.TYPE_STRING, [-1]), ("output_ids", mc.TYPE_INT32, [-1]),
+           ("finish_reason", mc.TYPE_STRING, [-1]), ("num_input_tokens", mc.TYPE_UINT32, [1]),
+           ("num_output_tokens", mc.TYPE_UINT32, [1]), ("logprobs", mc.TYPE_STRING, [-1])]
+RETURNS = ("finish_reason", "num_input_tokens", "num_output_tokens", "logprobs")
+# sampling_parameters keys (the vLLM backend's names) -> (SamplingParams field, type)
+SAMPLING_KEYS: dict[str, tuple[str, type]] = {
+    "max_tokens": ("max_tokens", int), "temperature": ("temperature", float),
+    "top_k": ("top_k", int), "top_p": ("top_p", float), "seed": ("seed", int),
+    "repetition_penalty": ("repetition_penalty", float),
+    "presence_penalty": ("presence_penalty", float),
+    "frequency_penalty": ("frequency_penalty", float), "min_tokens": ("min_tokens", int),
+    "ignore_eos": ("ignore_eos", bool), "logprobs": ("logprobs", int),
+}
+# the TensorRT-LLM style inputs -> SamplingParams field, type
+TENSOR_KEYS: dict[str, tuple[str, type]] = {
+    "max_tokens": ("max_tokens", int), "temperature": ("temperature", float),
+    "top_k": ("top_k", int), "top_p": ("top_p", float), "random_seed": ("seed", int),
+    "repetition_penalty": ("repetition_penalty", float), "ignore_eos": ("ignore_eos", bool),
+    "presence_penalty": ("presence_penalty", float),
+    "frequency_penalty": ("frequency_penalty", float), "min_tokens": ("min_tokens", int),
+}
 DEFAULT_MAX_TOKENS = 16
 
 
@@ -60,6 +96,7 @@ class GenerationJob:
     prompt_text: str | None  # None: the request came as token ids
     exclude_input: bool
     stop_words: list[str] = field(default_factory=list)
+    returns: frozenset[str] = frozenset()  # optional outputs asked for (RETURNS)
 
 
 def _bad(message: str) -> ServingError:
@@ -104,29 +141,95 @@ def _prompt(inputs: dict[str, np.ndarray], tokenizer: Any) -> tuple[list[int], s
     return tokenizer.encode(text), text
 
 
+def _sampling_json(request: InferRequest) -> dict[str, Any]:
+    """Sampling settings from `sampling_parameters` (unknown keys are an error), else from the
+    request's parameters (where Triton's own keys may sit too: only known ones are read)."""
+    arr = request.inputs.get("sampling_parameters")
+    if arr is None:
+        known = set(SAMPLING_KEYS) | {"stop", "stop_token_ids", "n", "stream"}
+        return {k: v for k, v in request.parameters.items() if k in known}
+    if arr.size != 1:
+        raise _bad("input 'sampling_parameters' must hold one JSON string")
+    try:
+        obj = json.loads(_text(arr.reshape(-1)[0], "sampling_parameters"))
+    except json.JSONDecodeError as e:
+        raise _bad(f"input 'sampling_parameters' is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise _bad("input 'sampling_parameters' must be a JSON object")
+    unknown = sorted(set(obj) - set(SAMPLING_KEYS) - {"stop", "stop_token_ids", "n"})
+    if unknown:
+        raise _bad(f"input 'sampling_parameters': unknown key(s) {unknown}; supported: "
+                   f"{sorted(set(SAMPLING_KEYS) | {'stop', 'stop_token_ids', 'n'})}")
+    return obj
+
+
+def _typed(value: Any, kind: type, name: str) -> Any:
+    if value is None:
+        return None
+    ok = isinstance(value, bool) if kind is bool else (
+        isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+        else isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        raise _bad(f"sampling parameter '{name}' must be {kind.__name__}, got "
+                   f"{json.dumps(value)}")
+    if kind is float and not np.isfinite(value):
+        raise _bad(f"sampling parameter '{name}' must be a finite number, got {value}")
+    return kind(value)
+
+
+def _stop_lists(x: dict[str, np.ndarray], sampling: dict[str, Any]) -> tuple[list[str],
+                                                                             list[int]]:
+    words = sampling.get("stop") or []
+    if isinstance(words, str):
+        words = [words]
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise _bad("sampling parameter 'stop' must be a string or a list of strings")
+    if "stop_words" in x:
+        words = [_text(w, "stop_words") for w in x["stop_words"].reshape(-1)]
+    ids = sampling.get("stop_token_ids") or []
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                            for t in ids):
+        raise _bad("sampling parameter 'stop_token_ids' must be a list of integers")
+    if "stop_token_ids" in x:
+        arr = x["stop_token_ids"].reshape(-1)
+        if arr.dtype.kind not in "iu":
+            raise _bad("input 'stop_token_ids' must hold integers")
+        ids = [int(t) for t in arr]
+    return [w for w in words if w], ids
+
+
 def parse_job(request: InferRequest, tokenizer: Any) -> GenerationJob:
-    """Decode a request in the LLM convention (shape/range errors name the input)."""
+    """Decode a request in either LLM convention (shape/range errors name the input)."""
     x = request.inputs
     ids, text = _prompt(x, tokenizer)
-    max_tokens = _scalar(x, "max_tokens", int, DEFAULT_MAX_TOKENS)
-    seed = _scalar(x, "random_seed", int, None)
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=_scalar(x, "temperature", float, 0.0),
-        top_k=_scalar(x, "top_k", int, 0), top_p=_scalar(x, "top_p", float, 1.0),
-        repetition_penalty=_scalar(x, "repetition_penalty", float, 1.0),
-        seed=None if seed is None else seed % 2**63,
-        ignore_eos=_scalar(x, "ignore_eos", bool, False),
-    )
+    sampling = _sampling_json(request)
+    if sampling.get("n", 1) != 1:
+        raise _bad("sampling parameter 'n' must be 1 here (send n requests; the OpenAI "
+                   "front does)")
+    values: dict[str, Any] = {"max_tokens": DEFAULT_MAX_TOKENS}
+    for key, (name, kind) in SAMPLING_KEYS.items():
+        if key in sampling and sampling[key] is not None:
+            values[name] = _typed(sampling[key], kind, key)
+    if values.get("top_k") == -1:  # vLLM's "no top-k"
+        values["top_k"] = 0
+    for key, (name, kind) in TENSOR_KEYS.items():
+        value = _scalar(x, key, kind, None)
+        if value is not None:
+            values[name] = value
+    stop_words, stop_ids = _stop_lists(x, sampling)
+    seed = values.pop("seed", None)
+    params = SamplingParams(**values, stop_token_ids=stop_ids,
+                            seed=None if seed is None else seed % 2**63)
     try:
         params.validate()
     except ValueError as e:
         raise _bad(str(e)) from None
-    stop_words = [_text(w, "stop_words") for w in x["stop_words"].reshape(-1)] if (
-        "stop_words" in x) else []
     stream = _scalar(x, "stream", bool, False) and not request.unary
     exclude = _scalar(x, "exclude_input_in_output", bool, False)
-    return GenerationJob(ids, params, stream, text, exclude, [w for w in stop_words if w])
+    returns = frozenset(r for r in RETURNS if _scalar(x, f"return_{r}", bool, False))
+    if "logprobs" in returns and params.logprobs is None:
+        params.logprobs = 0
+    return GenerationJob(ids, params, stream, text, exclude, stop_words, returns)
 
 
 class StopText:
