@@ -7,6 +7,7 @@ serving, and a client that disconnects frees its KV blocks."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 import urllib.request
@@ -311,3 +312,75 @@ def test_disconnect_frees_kv_blocks(server) -> None:
         time.sleep(0.2)
     assert _metric(server, "nv_llm_num_requests_running") == 0
 
+
+
+def _grpc_stream(url: str, inputs: list) -> list:
+    import queue
+
+    q: queue.Queue = queue.Queue()
+    c = grpcclient.InferenceServerClient(url)
+    c.start_stream(lambda result, error: q.put((result, error)))
+    c.async_stream_infer("llm", inputs)
+    got = []
+    while True:
+        result, error = q.get(timeout=120)
+        if error is not None:
+            c.stop_stream()
+            raise error
+        got.append(result)
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            break
+    c.stop_stream()
+    return got
+
+
+def test_vllm_tensor_convention_over_grpc(server, models, tok) -> None:
+    """As genai-perf --backend vllm and Triton's OpenAI frontend send it."""
+    from tests.serving_helpers import infer_input
+
+    ids = tok.encode(PROMPT)
+    ref = greedy(models, tok, ids, 6)
+    sampling = json.dumps({"max_tokens": 6, "temperature": 0, "ignore_eos": True})
+    inputs = [infer_input("text_input", np.array([PROMPT.encode()], dtype=object), "BYTES"),
+              infer_input("stream", np.array([True]), "BOOL"),
+              infer_input("sampling_parameters", np.array([sampling.encode()], dtype=object),
+                          "BYTES"),
+              infer_input("exclude_input_in_output", np.array([True]), "BOOL")]
+    for r in ("finish_reason", "num_input_tokens", "num_output_tokens"):
+        inputs.append(infer_input(f"return_{r}", np.array([True]), "BOOL"))
+    got = _grpc_stream(server.url, inputs)
+    text = b"".join(bytes(r.as_numpy("text_output")[0]) for r in got).decode()
+    assert text == tok.decode(ref, skip_special_tokens=True)
+    assert sum(int(r.as_numpy("num_output_tokens")[0]) for r in got) == 6
+    assert int(got[-1].as_numpy("num_input_tokens")[0]) == len(ids)
+    assert got[-1].as_numpy("finish_reason")[0] == b"length"
+    bad = json.dumps({"max_tokens": 2, "colour": "red"})
+    inputs[2] = infer_input("sampling_parameters", np.array([bad.encode()], dtype=object),
+                            "BYTES")
+    with pytest.raises(Exception, match=r"unknown key\(s\) \['colour'\]"):
+        _grpc_stream(server.url, inputs)
+
+
+def test_generate_extension_on_the_giant_model(server, models, tok) -> None:
+    ids = tok.encode(PROMPT)
+    expected = tok.decode(greedy(models, tok, ids, 6), skip_special_tokens=True)
+    body = {"text_input": PROMPT, "exclude_input_in_output": True,
+            "parameters": {"max_tokens": 6, "temperature": 0, "ignore_eos": True}}
+    url = f"http://localhost:{server.http_port}/v2/models/llm"
+    req = urllib.request.Request(url + "/generate", data=json.dumps(body).encode())
+    out = json.loads(urllib.request.urlopen(req, timeout=60).read())
+    assert out["text_output"] == expected and out["model_name"] == "llm"
+
+    async def stream() -> list[dict]:
+        async with aiohttp.ClientSession() as s, s.post(url + "/generate_stream",
+                                                        json=body) as r:
+            return [json.loads(x[5:]) async for x in _lines(r) if x.startswith("data:")]
+
+    events = asyncio.run(stream())
+    assert len(events) >= 3 and "".join(e["text_output"] for e in events) == expected
+    assert events[-1]["finish_reason"] == "length"
+
+
+async def _lines(r: aiohttp.ClientResponse):
+    async for line in r.content:
+        yield line.decode()
