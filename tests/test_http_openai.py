@@ -384,3 +384,25 @@ def test_generate_extension_on_the_giant_model(server, models, tok) -> None:
 async def _lines(r: aiohttp.ClientResponse):
     async for line in r.content:
         yield line.decode()
+
+
+def test_chat_template_flag_overrides(models, tok, tmp_path) -> None:
+    """`--chat-template FILE` gives a model without a template of its own a chat API."""
+    add_llm_model(tmp_path / "repo", "plain", models["plain"], dtype="fp32")
+    (tmp_path / "t.jinja").write_text(TEMPLATE)
+    srv = Server(tmp_path / "repo", tmp_path / "server.log", "--metrics-port", "0",
+                 "--chat-template", str(tmp_path / "t.jinja"), module="launcher.cli")
+    try:
+        c = openai.OpenAI(base_url=f"http://localhost:{srv.http_port}/v1", api_key="none",
+                          max_retries=0)
+        messages = [{"role": "user", "content": "hi"}]
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                       chat_template=TEMPLATE)
+        ids = tok.encode(text, add_special_tokens=False)
+        r = c.chat.completions.create(model="plain", messages=messages, max_tokens=4,
+                                      temperature=0, extra_body={"ignore_eos": True})
+        ref, _ = reference_generate(models["plain"], [ids], 4)
+        assert r.choices[0].message.content == tok.decode(ref[0], skip_special_tokens=True)
+        assert r.usage.prompt_tokens == len(ids)
+    finally:
+        assert srv.stop() == 0
