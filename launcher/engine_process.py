@@ -1,12 +1,13 @@
 """One giant model's engine in a process of its own (vLLM V1's EngineCore split).
 
-The engine process is rank 0 of the model's world: it spawns ranks 1..N-1 with
-`start_local_engine`, runs the step loop (heartbeats included) and talks to the front over a
-multiprocessing Pipe: commands (add / abort / stats / shutdown) down, one batch of TokenOutputs
-per step up. Each loaded version of each giant model gets its own process and its own
-torch.distributed world, so one server drives several giant models and reloads them without
-downtime. Deaths are contained: a dead rank makes that model fail (its engine process kills the
-survivors and exits), the front's death makes every engine process and rank exit.
+The engine process is rank 0 of the model's world: it spawns ranks 1..N-1 with `start_local_engine`,
+runs the step loop (heartbeats included) and talks to the front over a multiprocessing Pipe:
+commands (add / abort / stats / shutdown) down, one batch of Token tuples
+(runtime.engine_client.Token, logprobs included when asked for) per step up. Each loaded version of
+each giant model gets its own process and its own torch.distributed world, so one server drives
+several giant models and reloads them without downtime. Deaths are contained: a dead rank makes that
+model fail (its engine process kills the survivors and exits), the front's death makes every engine
+process and rank exit.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import torch
 from launcher.engine_process import EngineProcessClient
 from launcher.local import start_local_engine
 from runtime.engine_client import EngineClient
+from runtime.runner import pack_logprobs, unpack_logprobs
 from runtime.sampler import Sampler
 from runtime.types import EngineConfig, SamplingParams
 from runtime.worker import EngineSpec
@@ -214,6 +215,22 @@ def test_greedy_batches_keep_the_fast_path() -> None:
     for _ in range(4):
         sampler.sample(logits, ["a", "b"], mixed)
     assert rows == ["a", "b", "a", "b"]
+
+
+def test_packed_logprobs_round_trip() -> None:
+    """The last stage's packed rows unpack to the log-softmax's chosen value and top k, also
+    for a micro-batch asking only k = 0 and for k beyond a small vocabulary."""
+    logits = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    lp = torch.log_softmax(logits, dim=-1)
+    only_zero = pack_logprobs(logits, [4, 1, 7], [None, 0, None])
+    assert only_zero[0] is None and only_zero[2] is None
+    assert unpack_logprobs(only_zero[1]) == (float(lp[1, 1]), [])
+    rows = pack_logprobs(logits, [4, 1, 7], [20, None, 3])
+    chosen, top = unpack_logprobs(rows[0])
+    assert chosen == float(lp[0, 4])
+    assert top == list(zip(lp[0].topk(8).indices.tolist(), lp[0].topk(8).values.tolist(),
+                           strict=True))
+    assert [t for t, _ in unpack_logprobs(rows[2])[1]] == lp[2].topk(3).indices.tolist()
 
 
 # --- tp=2 pp=2 in an engine process -----------------------------------------------------------
