@@ -107,19 +107,19 @@ def test_bench_job_flags(checkpoint_dir) -> None:
             "2"]
     job, submitted, most = _drive([*base, "--no-warmup", "--seed", "3", "--max-running", "1",
                                    "--threads-per-rank", "1", "--timeout", "45"])
-    assert (job.threads, job.spec.timeout_s, job.spec.engine.max_running) == (1, 45.0, 1)
     assert [rid for rid, _ in submitted] == ["w0-0", "w0-1", "w0-2"]
     assert most == 1
+    assert (job.threads, job.spec.timeout_s, job.spec.engine.max_running) == (1, 45.0, 1)
     seeded = [p for _, p in submitted]
     w = Workload(8, 3, 3)
     vocab = json.loads((checkpoint_dir("llama") / "config.json").read_text())["vocab_size"]
     assert seeded == make_prompts(w, vocab, 3)
     job, submitted, most = _drive(base)  # defaults: warm-up first, seed 0, 64 running
-    assert (job.threads, job.spec.timeout_s, job.spec.engine.max_running) == (0, 600.0, 64)
     assert submitted[0][0] == "warmup-0" and [r for r, _ in submitted[1:]] == [
         "w0-0", "w0-1", "w0-2"]
     assert most == 3
     assert [p for _, p in submitted[1:]] != seeded
+    assert (job.threads, job.spec.timeout_s, job.spec.engine.max_running) == (0, 600.0, 64)
 
 
 # --- analyze -----------------------------------------------------------------------------------
