@@ -23,7 +23,9 @@ LLM = "llm"
 ECHO = "echo"
 # An ordinary python model: OUT = tile(2 * IN + 1, REPEAT), TEXT_OUT = upper(TEXT), after
 # sleeping DELAY_MS (out-of-range values are refused). Deterministic, so every response has a
-# known expected value.
+# known expected value. GATE (a file path) holds the execution until that file exists: it
+# writes GATE.started-<n> (n = the execution's number) when it starts waiting, so a test can
+# keep instances busy for exactly as long as it needs, and knows when they are.
 ECHO_CONFIG = """
 name: "{name}"
 backend: "python"
@@ -31,13 +33,16 @@ max_batch_size: 0
 input [ {{ name: "IN" data_type: TYPE_FP32 dims: [ -1 ] }},
         {{ name: "TEXT" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
         {{ name: "REPEAT" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
-        {{ name: "DELAY_MS" data_type: TYPE_INT32 dims: [ 1 ] optional: true }} ]
+        {{ name: "DELAY_MS" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
+        {{ name: "GATE" data_type: TYPE_STRING dims: [ 1 ] optional: true }} ]
 output [ {{ name: "OUT" data_type: TYPE_FP32 dims: [ -1 ] }},
          {{ name: "TEXT_OUT" data_type: TYPE_STRING dims: [ 1 ] }} ]
 instance_group [ {{ count: {instances} }} ]
 {extra}
 """
 ECHO_MODEL = '''
+import itertools
+import os
 import time
 
 import numpy as np
@@ -45,11 +50,23 @@ import numpy as np
 from serving.python_model import (InferenceResponse, PythonModel, Tensor, TritonError,
                                   get_input_tensor_by_name)
 
+_EXECUTIONS = itertools.count(1)
+
+
+def hold(gate):
+    open(f"{gate}.started-{next(_EXECUTIONS)}", "w").close()
+    deadline = time.monotonic() + 120
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.002)
+
 
 class Echo(PythonModel):
     def execute(self, requests):
         out = []
         for r in requests:
+            gate = get_input_tensor_by_name(r, "GATE")
+            if gate is not None:
+                hold(bytes(gate.as_numpy().reshape(-1)[0]).decode())
             x = get_input_tensor_by_name(r, "IN").as_numpy()
             rep = get_input_tensor_by_name(r, "REPEAT")
             delay = get_input_tensor_by_name(r, "DELAY_MS")
@@ -138,8 +155,12 @@ def ids_inputs(prompt: list[int], max_tokens: int, stream: bool = False,
 
 
 def echo_inputs(x: np.ndarray, text: bytes | None = None, repeat: int | None = None,
-                delay_ms: int | None = None) -> list[grpcclient.InferInput]:
+                delay_ms: int | None = None, gate: Path | None = None
+                ) -> list[grpcclient.InferInput]:
+    """Echo inputs; `gate` holds the execution until that file exists."""
     inputs = [infer_input("IN", x.astype(np.float32), "FP32")]
+    if gate is not None:
+        inputs.append(infer_input("GATE", np.array([str(gate).encode()], dtype=object), "BYTES"))
     if text is not None:
         inputs.append(infer_input("TEXT", np.array([text], dtype=object), "BYTES"))
     if repeat is not None:
@@ -182,3 +203,33 @@ def stream_tokens(url: str, inputs: list, model: str = LLM, timeout_s: float = 6
     finally:
         c.stop_stream()
         c.close()
+
+
+# --- waiting for events -----------------------------------------------------------------------
+HANG_S = 120.0  # only a hang takes this long
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout_s: float = HANG_S) -> None:
+    """Poll `check` until it holds; fail naming `what` after a deadline that only a hang hits."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.01)
+
+
+def held(gate: Path) -> int:
+    """How many executions have started waiting on `gate` (see ECHO_MODEL)."""
+    return len(list(gate.parent.glob(gate.name + ".started-*")))
+
+
+def metric(server: Server, name: str, **labels: str) -> float:
+    """One sample of the server's /metrics (0 when absent)."""
+    import re
+    import urllib.request
+
+    port = re.search(r"metrics on http://[\w.]+:(\d+)/metrics", server.text()).group(1)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as reply:
+        text = reply.read().decode()
+    body = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    match = re.search(rf"^{re.escape(name + '{' + body + '}')} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
