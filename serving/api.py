@@ -125,9 +125,6 @@ class Api:
         self._check_control(repository_name)
         self.manager.unload(name)
 
-    def resolve(self, name: str, version: str) -> tuple[ModelState, LoadedVersion]:
-        return self.manager.get(name, version)
-
 
 class Call:
     """One inference request in flight for an asyncio front: a sink that any thread may send
@@ -190,7 +187,7 @@ class Calls:
 
     def _submit(self, call: Call, name: str, version: str,
                 build: Callable[[ModelState, LoadedVersion], InferRequest]) -> None:
-        st, lv = self.api.resolve(name, version)
+        st, lv = self.api.manager.get(name, version)
         assert st.config is not None
         call.request = build(st, lv)
         if call.closed:  # the client went away while the request was being decoded

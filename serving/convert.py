@@ -200,6 +200,16 @@ def check_outputs(config: mc.ModelConfig, request: pb.ModelInferRequest) -> list
     return names
 
 
+def json_kind_ok(value: Any, kind: type) -> bool:
+    """Whether a decoded JSON value has the kind a typed input needs: bool only for bool, an
+    int (not a bool) for int, any number (not a bool) for float."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, int)
+
+
 def param_value(p: pb.InferParameter) -> Any:
     kind = p.WhichOneof("parameter_choice")
     return getattr(p, kind) if kind else None

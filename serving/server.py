@@ -484,7 +484,7 @@ async def serve(manager: ModelManager, startup: list[str] | None,
         extras.start_poller()
         names = [m.name for m in manager.index(ready_only=True)]
         tls = " (TLS)" if opts.tls_cert else ""
-        http_line = "" if http is None or opts.http is None else (
+        http_line = "" if opts.http is None else (
             f", HTTP on {opts.http.host}:{http_port}{' (TLS)' if opts.http.tls_cert else ''}")
         log.info("shardserve ready: gRPC on %s:%d%s%s, models %s", opts.host, bound, tls,
                  http_line, sorted(set(names)))

@@ -17,6 +17,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from runtime.types import SamplingParams
+from serving.convert import json_kind_ok
 from serving.types import InferRequest, ServingError
 
 BACKEND = "shardserve_llm"
@@ -166,10 +167,7 @@ def _sampling_json(request: InferRequest) -> dict[str, Any]:
 def _typed(value: Any, kind: type, name: str) -> Any:
     if value is None:
         return None
-    ok = isinstance(value, bool) if kind is bool else (
-        isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
-        else isinstance(value, int) and not isinstance(value, bool))
-    if not ok:
+    if not json_kind_ok(value, kind):
         raise _bad(f"sampling parameter '{name}' must be {kind.__name__}, got "
                    f"{json.dumps(value)}")
     if kind is float and not np.isfinite(value):

@@ -6,7 +6,6 @@ each output comes back as a key (one element: a scalar, more: a list)."""
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import numpy as np
@@ -37,8 +36,6 @@ def _shape(value: Any, spec: mc.ModelInput, batched: bool) -> list[int]:
         v = v[0] if v else None
     if not shape:
         shape = [1] * max(1, len(spec.dims))
-    elif len(shape) < len(spec.dims) and math.prod(spec.dims) in (-1, math.prod(shape)):
-        shape = [1] * (len(spec.dims) - len(shape)) + shape
     return [1, *shape] if batched else shape
 
 

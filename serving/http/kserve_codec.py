@@ -19,14 +19,14 @@ from google.protobuf.message import Message
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
-from serving.convert import NP_DTYPES, datatype_of, raw_contents, set_param
+from serving.convert import NP_DTYPES, datatype_of, json_kind_ok, raw_contents, set_param
 from serving.types import InferResponse, ServingError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 REQUEST_KEYS = {"id", "parameters", "inputs", "outputs"}
 INPUT_KEYS = {"name", "shape", "datatype", "parameters", "data"}
 OUTPUT_KEYS = {"name", "parameters"}
-JSON_ONLY_BINARY = ("BF16",)  # no JSON form in Triton either: binary data only
+BINARY_ONLY = ("BF16",)  # no JSON form in Triton either: binary data only
 
 
 def _bad(message: str) -> ServingError:
@@ -68,7 +68,7 @@ def _flatten(data: Any) -> list[Any]:
 
 def json_tensor(data: Any, datatype: str, shape: list[int], name: str) -> bytes:
     """JSON `data` (flat or nested, row-major) as raw little-endian bytes."""
-    if datatype in JSON_ONLY_BINARY:
+    if datatype in BINARY_ONLY:
         raise _bad(f"input '{name}': {datatype} data must be sent as binary data")
     values = _flatten(data)
     count = math.prod(shape)
@@ -83,10 +83,7 @@ def json_tensor(data: Any, datatype: str, shape: list[int], name: str) -> bytes:
         return raw_contents(arr, "BYTES")
     kind = bool if datatype == "BOOL" else (float if datatype.startswith("FP") else int)
     for v in values:
-        ok = isinstance(v, bool) if kind is bool else (
-            isinstance(v, (int, float)) and not isinstance(v, bool) if kind is float
-            else isinstance(v, int) and not isinstance(v, bool))
-        if not ok:
+        if not json_kind_ok(v, kind):
             raise _bad(f"input '{name}': {datatype} data holds {json.dumps(v)}, expected "
                        f"{'true/false' if kind is bool else kind.__name__} values")
     try:

@@ -186,7 +186,7 @@ class OpenAIRoutes:
         out = []
         for m in self.api.manager.index(ready_only=True):
             try:
-                st, _ = self.api.resolve(m.name, "")
+                st, _ = self.api.manager.get(m.name, "")
             except ServingError:
                 continue
             if st.config is not None and is_text_model(st.config) and not any(
@@ -214,7 +214,7 @@ class OpenAIRoutes:
     def _target(self, name: str) -> Target:
         st: ModelState
         try:
-            st, lv = self.api.resolve(name, "")
+            st, lv = self.api.manager.get(name, "")
         except ServingError as e:
             if e.status == "NOT_FOUND":
                 raise ServingError("NOT_FOUND", f"model '{name}' does not exist") from None
